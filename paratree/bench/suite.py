@@ -1,0 +1,630 @@
+"""`paratree bench`: every decoding method on the same prompts, in one process, same dtype.
+
+Methods: `plain` (own runner, no drafter), `hf` (transformers `generate()` on the same
+converted checkpoint), `hf-pld` (transformers prompt lookup), `hf-assisted` (transformers
+assisted generation, only with `--assistant`), and every paratree drafter in
+`paratree.drafters.DRAFTERS` at each tree budget (`name@budget` picks one budget; `auto`
+sizes each tree against this machine's calibrated verify cost).
+
+Timing: each method runs `repeats` times over all prompts; the first repeat is a
+warm-up and is excluded when there are two or more. tokens/s is the median over the
+measured repeats of (new tokens / wall seconds, prefill included). Target forwards are
+counted with a forward pre-hook on the target module, for paratree and HF alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+HF_METHODS = ("hf", "hf-pld", "hf-assisted")
+DEFAULT_BUDGETS = (8, 16, 32, 64, 128, "auto")
+QUICK_BUDGETS = (32, "auto")
+PLD_TOKENS = 10
+
+
+# -- parsing -------------------------------------------------------------------------------
+def parse_budget(text: str | int) -> int | str:
+    if isinstance(text, int):
+        if text < 1:
+            raise ValueError(f"budget must be >= 1, got {text}")
+        return text
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        b = int(t)
+    except ValueError:
+        raise ValueError(f"bad budget '{text}': use a positive integer or 'auto'") from None
+    if b < 1:
+        raise ValueError(f"budget must be >= 1, got {b}")
+    return b
+
+
+def parse_budgets(text: str | None) -> list[int | str] | None:
+    if text is None:
+        return None
+    out = []
+    for part in str(text).split(","):
+        if part.strip():
+            b = parse_budget(part)
+            if b not in out:
+                out.append(b)
+    if not out:
+        raise ValueError("--budget needs at least one value")
+    return out
+
+
+def paratree_drafters() -> list[str]:
+    from ..drafters import DRAFTERS
+
+    return [d for d in DRAFTERS if d != "plain"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str  # as shown and stored: plain, hf, hf-pld, ngram@32, ngram@auto
+    kind: str  # "paratree" or "hf"
+    drafter: str | None  # paratree drafter name; HF method name for kind "hf"
+    budget: int | str | None  # tree budget (root included); 1 for plain; None for HF
+
+
+def expand_methods(methods: list[str] | None, budgets: list[int | str], assistant: str | None = None
+                   ) -> tuple[list[MethodSpec], list[str]]:
+    """Method specs in run order (plain first) and notes about what was added or skipped."""
+    drafters = paratree_drafters()
+    notes: list[str] = []
+    if methods is None:
+        methods = ["plain", "hf", "hf-pld", "hf-assisted", *drafters]
+        explicit_assisted = False
+    else:
+        explicit_assisted = "hf-assisted" in methods
+    specs: list[MethodSpec] = []
+    seen = set()
+
+    def add(spec: MethodSpec):
+        if spec.label not in seen:
+            seen.add(spec.label)
+            specs.append(spec)
+
+    for m in methods:
+        m = m.strip()
+        if not m:
+            continue
+        name, _, b = m.partition("@")
+        if name == "plain":
+            add(MethodSpec("plain", "paratree", "plain", 1))
+        elif name in HF_METHODS:
+            if b:
+                raise ValueError(f"method '{m}': HF methods take no @budget")
+            if name == "hf-assisted" and not assistant:
+                if explicit_assisted:
+                    notes.append("hf-assisted skipped: give an assistant model with --assistant MODEL")
+                else:
+                    notes.append("hf-assisted skipped (no --assistant MODEL given)")
+                continue
+            add(MethodSpec(name, "hf", name, None))
+        elif name in drafters:
+            for bud in ([parse_budget(b)] if b else budgets):
+                add(MethodSpec(f"{name}@{bud}", "paratree", name, bud))
+        else:
+            choices = ", ".join(["plain", *HF_METHODS, *drafters])
+            raise ValueError(f"unknown method '{m}': choose from {choices} (drafters also as name@budget)")
+    if "plain" not in seen:
+        notes.append("plain added: speedups and greedy mismatches are measured against it")
+    specs = [MethodSpec("plain", "paratree", "plain", 1)] + [s for s in specs if s.label != "plain"]
+    return specs, notes
+
+
+# -- config / results ---------------------------------------------------------------------------
+@dataclass
+class BenchConfig:
+    datasets: list[str]
+    model: str | None = None
+    methods: list[str] | None = None
+    limit: int | None = 10
+    max_new_tokens: int = 128
+    budgets: list[int | str] | None = None
+    temperature: float = 0.0
+    repeats: int = 3
+    dtype: str = "bf16"
+    chat: bool = True
+    assistant: str | None = None
+    json_out: str | None = None
+    report_dir: str | None = None
+    quick: bool = False
+    seed: int = 0
+    progress: bool = True
+    command: str | None = None  # the command line, for the report
+    heads: dict[str, str] | None = None  # trained head dirs: drafter name or head family -> dir; "*" = any
+
+    def resolved(self) -> "BenchConfig":
+        c = BenchConfig(**self.__dict__)
+        if c.quick:
+            c.limit, c.max_new_tokens, c.repeats = 2, 32, 1
+            c.budgets = c.budgets or list(QUICK_BUDGETS)
+        c.budgets = c.budgets or list(DEFAULT_BUDGETS)
+        if c.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+        if c.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be >= 1")
+        if c.limit is not None and c.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        if c.temperature < 0:
+            raise ValueError("--temperature must be >= 0")
+        if not c.datasets:
+            raise ValueError("--dataset needs at least one dataset")
+        return c
+
+
+def parse_heads(values: list[str] | None) -> dict[str, str] | None:
+    """`--head DIR` (every head drafter) or `--head NAME=DIR` (a drafter name or head family)."""
+    if not values:
+        return None
+    out = {}
+    for v in values:
+        key, sep, path = v.partition("=")
+        if not sep:
+            key, path = "*", v
+        out[key.strip()] = path.strip()
+    return out
+
+
+def build_drafter(name: str, lm, heads: dict[str, str] | None = None):
+    """make_drafter, with a head directory from `heads` when one is given for this drafter or its family."""
+    from .. import drafters
+
+    if heads and name != "plain":
+        family = (getattr(drafters, "HEAD_DRAFTERS", {}).get(name) or (None,))[0]
+        path = heads.get(name) or (heads.get(family) if family else None) or (heads.get("*") if family else None)
+        if path:
+            return drafters.make_drafter(name, lm, head_path=path)
+    return drafters.make_drafter(name, lm)
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    profile: dict | None = None
+    meta: dict = field(default_factory=dict)
+    report_files: list[str] = field(default_factory=list)
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+class ForwardCounter:
+    """Counts calls of a module (one per target forward)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.n = 0
+        self._h = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+    def close(self):
+        self._h.remove()
+
+
+def accept_by_depth(depths: list[int]) -> list[float]:
+    """[P(>= 1 accepted draft), P(>= 2), ...] over rounds, up to the deepest acceptance."""
+    if not depths:
+        return []
+    top = max(depths)
+    n = len(depths)
+    return [sum(1 for a in depths if a >= d) / n for d in range(1, top + 1)]
+
+
+# -- the runners ---------------------------------------------------------------------------
+class _Runs:
+    """Per (method, dataset): outputs and stats of every repeat."""
+
+    def __init__(self):
+        self.repeats: list[dict] = []
+        self.proposed: list[int] = []  # auto budget: tree sizes the drafter proposed before pruning
+
+    def new_repeat(self):
+        self.repeats.append({"tokens": 0, "seconds": 0.0, "ids": [], "results": [], "forwards": 0, "finish": {}})
+        return self.repeats[-1]
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, console=None):
+        from rich.console import Console
+
+        from ..models.loader import load_model
+
+        self.cfg = cfg
+        self.console = console or Console(stderr=True)
+        self.lm = load_model(cfg.model, cfg.dtype)
+        self.dtype = self.lm.model.embed.weight.dtype
+        self._hf = None
+        self._assistant = None
+        self._runner = None
+        self._runner_len = 0
+        self.profile: dict | None = None
+
+    # shared target runner, grown when a longer prompt shows up
+    def runner(self, need: int):
+        from ..models.runner import TargetRunner
+
+        cap = self.lm.config.max_position
+        if self._runner is None or need > self._runner_len:
+            self._runner = None
+            self._runner_len = min(cap, max(need, 512))
+            self._runner = TargetRunner(self.lm.model, max_len=self._runner_len)
+        return self._runner
+
+    def hf_model(self):
+        if self._hf is None:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            self._hf = AutoModelForCausalLM.from_pretrained(self.lm.path, dtype=self.dtype).eval()
+        return self._hf
+
+    def assistant_model(self):
+        if self._assistant is None:
+            from transformers import AutoModelForCausalLM
+
+            from ..models.loader import checkpoint_dir
+
+            _, path = checkpoint_dir(self.cfg.assistant)
+            self._assistant = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval()
+        return self._assistant
+
+    def auto_profile(self):
+        if self.profile is None:
+            from ..engine.sizing import get_profile
+
+            self.console.print("[dim]no calibration profile for this model/dtype/machine: running a short "
+                               "calibration (run `paratree calibrate` for the full curve)[/dim]")
+            self.profile = get_profile(self.lm)
+        return self.profile
+
+    def load_profile_if_any(self):
+        if self.profile is None:
+            from ..engine.sizing import load_profile, profile_path
+
+            self.profile = load_profile(profile_path(self.lm))
+        return self.profile
+
+    def make_generator(self, spec: MethodSpec, need: int):
+        from ..engine.generate import Generator
+
+        runner = self.runner(need)
+        drafter = build_drafter(spec.drafter, self.lm, self.cfg.heads)
+        sizer, budget = None, spec.budget
+        if spec.budget == "auto":
+            from ..engine.sizing import AutoSizer, load_profile, profile_path
+
+            prof = self.profile or load_profile(profile_path(self.lm)) or self.auto_profile()
+            self.profile = prof
+            sizer = AutoSizer.from_profile(prof, spec.drafter)
+            budget = sizer.max_nodes
+        return Generator(runner, drafter, eos_ids=self.lm.eos_ids, budget=int(budget), sizer=sizer)
+
+    def params(self, i: int):
+        from ..verify.warp import SamplingParams
+
+        return SamplingParams(temperature=self.cfg.temperature, seed=self.cfg.seed + i)
+
+    def run_paratree(self, gen, ids: list[int], i: int, counter: ForwardCounter, max_new: int | None = None):
+        c0 = counter.n
+        t = time.perf_counter()
+        res = gen.generate(ids, max_new or self.cfg.max_new_tokens, self.params(i))
+        dt = time.perf_counter() - t
+        return res.token_ids, dt, counter.n - c0, res
+
+    def run_hf(self, spec: MethodSpec, ids: list[int], i: int, counter: ForwardCounter, max_new: int | None = None):
+        from transformers import GenerationConfig
+
+        model = self.hf_model()
+        tok = self.lm.tokenizer
+        eos = sorted(self.lm.eos_ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+        kw = dict(max_new_tokens=max_new or self.cfg.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad)
+        if self.cfg.temperature > 0:
+            kw.update(do_sample=True, temperature=self.cfg.temperature, top_p=1.0, top_k=0)
+        else:
+            kw.update(do_sample=False)
+        extra = {}
+        if spec.drafter == "hf-pld":
+            kw["prompt_lookup_num_tokens"] = PLD_TOKENS
+        elif spec.drafter == "hf-assisted":
+            extra["assistant_model"] = self.assistant_model()
+        x = torch.tensor([ids])
+        if self.cfg.temperature > 0:
+            torch.manual_seed(self.cfg.seed + i)
+        c0 = counter.n
+        t = time.perf_counter()
+        with torch.inference_mode():
+            # attention_mask explicitly: the prompt may contain the pad token id (SmolLM2: 2)
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=GenerationConfig(**kw),
+                                 **extra)
+        dt = time.perf_counter() - t
+        new = out[0, len(ids):].tolist()
+        return new, dt, counter.n - c0, None
+
+
+# -- aggregation -------------------------------------------------------------------------------
+def summarize(spec: MethodSpec, dataset: str, runs: _Runs, cfg: BenchConfig, n_prompts: int) -> dict:
+    reps = runs.repeats
+    measured = reps[1:] if len(reps) >= 2 else reps
+    tps = [r["tokens"] / max(r["seconds"], 1e-9) for r in measured]
+    results = [res for r in measured for res in r["results"] if res is not None]
+    last = measured[-1]
+    row = {
+        "method": spec.label,
+        "dataset": dataset,
+        "kind": spec.kind,
+        "drafter": spec.drafter,
+        "budget": spec.budget,
+        "n_prompts": n_prompts,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "repeats_run": len(reps),
+        "repeats_measured": len(measured),
+        "warmup_excluded": len(reps) >= 2,
+        "new_tokens": last["tokens"],
+        "target_forwards": last["forwards"],
+        "tokens_per_forward": last["tokens"] / max(1, last["forwards"]),
+        "tokens_per_s": statistics.median(tps),
+        "tokens_per_s_repeats": tps,
+        "wall_s": last["seconds"],
+        "finish_reasons": dict(last["finish"]),
+        "speedup": None,
+        "greedy_mismatches": None,
+        "mismatch_prompts": None,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        # paratree-only stats (None for HF methods, which do not expose them)
+        "tau": None,
+        "rounds": None,
+        "accept_by_depth": None,
+        "draft_s": None,
+        "verify_s": None,
+        "prefill_s": None,
+        "draft_frac": None,
+        "mean_tree_size": None,
+        "mean_proposed_size": None,
+        "verify_s_per_round": None,
+    }
+    if spec.kind == "paratree" and results:
+        emitted = sum(sum(r.accepted_per_round) for r in results)
+        rounds = sum(r.rounds for r in results)
+        depths = [d for r in results for d in r.accept_depths]
+        sizes = [s for r in results for s in r.tree_sizes]
+        draft = sum(r.time_draft for r in results)
+        verify = sum(r.time_verify for r in results)
+        row.update(
+            tau=emitted / max(1, rounds),
+            rounds=sum(r.rounds for r in last["results"]),
+            accept_by_depth=accept_by_depth(depths),
+            draft_s=draft / len(measured),
+            verify_s=verify / len(measured),
+            prefill_s=sum(r.time_prefill for r in results) / len(measured),
+            draft_frac=draft / max(draft + verify, 1e-12),
+            mean_tree_size=statistics.fmean(sizes) if sizes else None,
+            verify_s_per_round=verify / max(1, rounds),
+        )
+        if runs.proposed:
+            row["mean_proposed_size"] = statistics.fmean(runs.proposed)
+    return row
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(rows, indent=1, default=str))
+    tmp.replace(p)
+
+
+def _fmt(v, spec="{:.2f}", none="–"):
+    return none if v is None else spec.format(v)
+
+
+def print_table(rows: list[dict], console=None, title: str = "paratree bench") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=title)
+    for c, j in (("dataset", "left"), ("method", "left"), ("τ (+bonus)", "right"), ("tok/fwd", "right"),
+                 ("tok/s", "right"), ("speedup", "right"), ("acc≥1/2/3", "right"), ("draft/verify", "right"),
+                 ("tree", "right"), ("peak RSS MB", "right"), ("greedy ≠ plain", "right")):
+        t.add_column(c, justify=j)
+    for r in rows:
+        acc = r.get("accept_by_depth")
+        acc_s = "–" if acc is None else "/".join(f"{(acc[d] if d < len(acc) else 0.0):.2f}" for d in range(3))
+        split = "–" if r.get("draft_s") is None else f"{r['draft_s']:.2f}s/{r['verify_s']:.2f}s"
+        mm = r.get("greedy_mismatches")
+        mm_s = "n/a" if mm is None else f"{mm}/{r['n_prompts']}"
+        t.add_row(r["dataset"], r["method"], _fmt(r.get("tau")), _fmt(r.get("tokens_per_forward")),
+                  _fmt(r["tokens_per_s"], "{:.1f}"), _fmt(r.get("speedup"), "{:.2f}x"), acc_s, split,
+                  _fmt(r.get("mean_tree_size"), "{:.1f}"), _fmt(r.get("peak_rss_mb"), "{:.0f}"), mm_s)
+    console.print(t)
+
+
+def environment(cfg: BenchConfig, lm) -> dict:
+    import transformers
+
+    from ..engine.sizing import cpu_signature
+
+    return {
+        "model": lm.name, "model_path": str(lm.path), "dtype": cfg.dtype, "cpu": cpu_signature(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def probe_drafters(specs: list[MethodSpec], lm, notes: list[str], heads=None) -> list[MethodSpec]:
+    """Drop paratree drafters that cannot be built for this model (e.g. no trained head), one note each."""
+    bad: dict[str, str] = {}
+    for name in dict.fromkeys(s.drafter for s in specs if s.kind == "paratree" and s.drafter != "plain"):
+        try:
+            build_drafter(name, lm, heads)
+        except Exception as e:
+            bad[name] = f"{type(e).__name__}: {e}"
+    for name, why in bad.items():
+        notes.append(f"{name} skipped: {why}")
+    return [s for s in specs if not (s.kind == "paratree" and s.drafter in bad)]
+
+
+def _out_console():
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=220)
+
+
+# -- the driver -------------------------------------------------------------------------------
+def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
+    """Run every method on every dataset; write --json / --report even when interrupted (Ctrl-C)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from ..engine.pipeline import encode_prompt
+    from .datasets import load_prompts
+
+    cfg = cfg.resolved()
+    console = console or Console(stderr=True)
+    out_console = out_console or _out_console()
+    specs, notes = expand_methods(cfg.methods, cfg.budgets, cfg.assistant)
+    # datasets first: a bad path fails before the model loads
+    prompts_by_ds = {ds: load_prompts(ds, cfg.limit) for ds in cfg.datasets}
+    for ds, ps in prompts_by_ds.items():
+        if not ps:
+            raise ValueError(f"dataset '{ds}' has no prompts")
+    bench = Bench(cfg, console)
+    lm = bench.lm
+    result = BenchResult(notes=notes, meta=environment(cfg, lm))
+    specs = probe_drafters(specs, lm, result.notes, cfg.heads)
+    ids_by_ds = {}
+    max_budget = max([b for b in cfg.budgets if isinstance(b, int)] + [256])
+    for ds, ps in prompts_by_ds.items():
+        ids = [encode_prompt(lm.tokenizer, p, cfg.chat) for p in ps]
+        fit = [x for x in ids if len(x) + cfg.max_new_tokens + 1 <= lm.config.max_position]
+        if len(fit) < len(ids):
+            result.notes.append(f"{ds}: {len(ids) - len(fit)} prompt(s) longer than the context window skipped")
+        ids_by_ds[ds] = fit
+    for n in result.notes:
+        console.print(f"[yellow]note:[/yellow] {n}")
+
+    total = sum(len(ids) * cfg.repeats for ids in ids_by_ds.values()) * len(specs)
+    hf_counter = None
+    own_counter = ForwardCounter(lm.model)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                        disable=not cfg.progress, transient=False)
+    try:
+        with progress:
+            task = progress.add_task("bench", total=total)
+            for ds, all_ids in ids_by_ds.items():
+                if not all_ids:
+                    continue
+                need = max(len(x) for x in all_ids) + cfg.max_new_tokens + max_budget + 8
+                plain_ids: list[list[int]] | None = None
+                plain_tps: float | None = None
+                for spec in specs:
+                    progress.update(task, description=f"{ds} · {spec.label}")
+                    runs = _Runs()
+                    try:
+                        # a 4-token warm-up per method keeps one-time initialisation out of every timing
+                        if spec.kind == "paratree":
+                            gen = bench.make_generator(spec, need)
+                            counter = own_counter
+                            bench.run_paratree(gen, all_ids[0], 0, counter, max_new=4)
+                        else:
+                            model = bench.hf_model()
+                            if hf_counter is None:
+                                hf_counter = ForwardCounter(model)
+                            counter = hf_counter
+                            bench.run_hf(spec, all_ids[0], 0, counter, max_new=4)
+                        for _rep in range(cfg.repeats):
+                            rep = runs.new_repeat()
+                            for i, ids in enumerate(all_ids):
+                                if spec.kind == "paratree":
+                                    new, dt, fwd, res = bench.run_paratree(gen, ids, i, counter)
+                                    reason = res.finish_reason
+                                else:
+                                    new, dt, fwd, res = bench.run_hf(spec, ids, i, counter)
+                                    reason = "stop" if new and new[-1] in lm.eos_ids else "length"
+                                rep["tokens"] += len(new)
+                                rep["seconds"] += dt
+                                rep["forwards"] += fwd
+                                rep["ids"].append(new)
+                                rep["results"].append(res)
+                                rep["finish"][reason] = rep["finish"].get(reason, 0) + 1
+                                progress.advance(task)
+                        if spec.kind == "paratree" and gen.sizer is not None:
+                            runs.proposed = gen.sizer.proposed_nodes
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:  # one broken method must not lose the others
+                        msg = f"{ds} · {spec.label} failed: {type(e).__name__}: {e}"
+                        result.notes.append(msg)
+                        console.print(f"[red]{msg}[/red]")
+                        progress.advance(task, len(all_ids) * cfg.repeats - sum(len(r["ids"]) for r in runs.repeats))
+                        continue
+                    row = summarize(spec, ds, runs, cfg, len(all_ids))
+                    row["model"], row["dtype"] = lm.name, cfg.dtype
+                    if spec.label == "plain":
+                        plain_ids, plain_tps = runs.repeats[-1]["ids"], row["tokens_per_s"]
+                    if plain_tps:
+                        row["speedup"] = row["tokens_per_s"] / plain_tps
+                    if cfg.temperature == 0 and plain_ids is not None:
+                        bad = [i for i, (a, b) in enumerate(zip(runs.repeats[-1]["ids"], plain_ids)) if a != b]
+                        row["greedy_mismatches"], row["mismatch_prompts"] = len(bad), bad
+                    if spec.budget == "auto" and bench.profile is not None:
+                        row["profile"] = bench.profile.get("path")
+                    result.rows.append(row)
+                    if cfg.json_out:
+                        _write_json(cfg.json_out, result.rows)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        result.notes.append("interrupted (Ctrl-C): only methods that finished are reported")
+        console.print("[yellow]interrupted: writing what finished[/yellow]")
+    finally:
+        own_counter.close()
+        if hf_counter is not None:
+            hf_counter.close()
+    result.profile = bench.profile
+    if result.rows:
+        print_table(result.rows, out_console, title=f"paratree bench · {lm.name} ({cfg.dtype}) · "
+                    f"{cfg.max_new_tokens} new tokens · T={cfg.temperature}")
+    for n in result.notes:
+        out_console.print(f"[dim]note: {n}[/dim]")
+    if cfg.json_out:
+        _write_json(cfg.json_out, result.rows)
+    if cfg.report_dir:
+        from .report import write_report
+
+        if result.profile is None:
+            result.profile = bench.load_profile_if_any()
+        if result.profile is None and not result.interrupted:
+            try:
+                result.profile = bench.auto_profile()
+            except KeyboardInterrupt:
+                result.interrupted = True
+        result.report_files = write_report(cfg.report_dir, result, cfg)
+        console.print(f"[dim]report: {Path(cfg.report_dir) / 'report.md'}[/dim]")
+    return result

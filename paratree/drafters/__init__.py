@@ -1,0 +1,56 @@
+"""Drafters behind one protocol; `make_drafter` builds one by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Drafter, NoDrafter
+from .ngram import NGramDrafter
+
+HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"
+# name -> (head family it needs, tree?, path-conditioned refresh?)
+HEAD_DRAFTERS = {
+    "jetspec": ("jetspec", True, False),
+    "jetspec-pc": ("jetspec", True, True),  # path-conditioned refresh of the best-first tree
+    "jetspec-chain": ("jetspec", False, False),
+    "dflash": ("dflash", False, False),
+    "ddtree": ("dflash", True, False),
+}
+DRAFTERS = ("plain", "ngram", "ngram-chain", *HEAD_DRAFTERS)
+
+
+def shipped_head(model_name: str, family: str) -> Path | None:
+    """The head shipped in the package for a packaged model, if any."""
+    p = HEADS_DIR / model_name / family
+    return p if (p / "head_config.json").is_file() else None
+
+
+def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 8, **options) -> Drafter:
+    """Build the drafter called `name` for the loaded target `lm`."""
+    if name == "plain":
+        return NoDrafter()
+    if name == "ngram":
+        return NGramDrafter(tree=True, **options)
+    if name == "ngram-chain":
+        return NGramDrafter(tree=False, **options)
+    if name in HEAD_DRAFTERS:
+        import torch
+
+        from .block_drafter import BlockHeadDrafter
+        from .heads.block import BlockDraftHead
+
+        family, tree, conditioned = HEAD_DRAFTERS[name]
+        path = Path(head_path) if head_path else shipped_head(lm.name, family)
+        if path is None:
+            raise ValueError(f"no trained {family} head ships for model '{lm.name}': train one with "
+                             f"`paratree train --config configs/{family}_smollm2.yaml` and pass --head DIR")
+        dtype = next(lm.model.parameters()).dtype
+        head = BlockDraftHead.load(path, dtype=dtype)
+        head.check_target(lm.config, lm.tokenizer)
+        lm_head = getattr(lm.model, "lm_head_packed", None) or lm.model.lm_head
+        return BlockHeadDrafter(head, lm.model.embed, lm_head, name=name, tree=tree, width=width,
+                                path_conditioned=conditioned, **options)
+    raise ValueError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
+
+
+__all__ = ["Drafter", "NoDrafter", "NGramDrafter", "make_drafter", "DRAFTERS", "HEAD_DRAFTERS"]

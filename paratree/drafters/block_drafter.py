@@ -1,0 +1,125 @@
+"""Drafting with a trained block head: JetSpec (tree), DFlash (chain), DDTree (tree over DFlash).
+
+One head pass over [root, MASK x D] gives per-depth distributions; the tree
+builder turns them into a best-first tree (or the argmax chain). Context K/V of
+the head are cached and extended with the taps of each round's accepted
+tokens, so a round costs one small pass over D+1 rows, not over the context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tree.builders import build_best_first, build_chain
+from ..tree.draft_tree import DraftTree
+from .heads.block import BlockDraftHead
+
+
+class BlockHeadDrafter:
+    def __init__(self, head: BlockDraftHead, embed: torch.nn.Embedding, lm_head, name: str, tree: bool = True,
+                 width: int = 8, max_depth: int | None = None, path_conditioned: bool = False):
+        self.head, self.embed, self.lm_head = head.eval(), embed, lm_head
+        self.name, self.tree, self.width = name, tree, width
+        self.max_depth = min(max_depth or head.cfg.depth, head.cfg.depth)
+        self.path_conditioned = path_conditioned
+        self.tap_layers = tuple(head.cfg.tap_layers)
+        self.dtype = next(head.parameters()).dtype
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ctx_len = 0
+
+    # -- context ----------------------------------------------------------------------
+    def begin(self, prompt_ids, prompt_taps):
+        self._kv, self._ctx_len = [], 0
+        if prompt_taps is not None and prompt_taps.shape[0]:
+            self._append(prompt_taps)
+
+    def update(self, new_tokens, new_taps):
+        if new_taps is not None:
+            self._append(new_taps)
+
+    @torch.inference_mode()
+    def _append(self, taps: torch.Tensor) -> None:
+        n = taps.shape[0]
+        ctx = self.head.fuse(taps.to(self.dtype).unsqueeze(0))
+        pos = torch.arange(self._ctx_len, self._ctx_len + n).unsqueeze(0)
+        new = self.head.context_kv(ctx, pos)
+        self._kv = new if not self._kv else [(torch.cat([k, nk], 2), torch.cat([v, nv], 2))
+                                             for (k, v), (nk, nv) in zip(self._kv, new)]
+        self._ctx_len += n
+
+    def _context(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer context K/V; empty (zero rows) before any taps arrived."""
+        if self._kv:
+            return self._kv
+        empty = torch.zeros(1, self.head.cfg.num_kv_heads, 0, self.head.cfg.head_dim, dtype=self.dtype)
+        return [(empty, empty) for _ in self.head.layers]
+
+    # -- drafting ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def block_logits(self, root: int, branch: list[int] | None = None) -> torch.Tensor:
+        """Per-depth logits (D, V) for the block rooted at `root` (row 0 = root at the next position).
+
+        `branch` fills the first rows after the root with real tokens (path conditioning):
+        row i then predicts depth i given the branch.
+        """
+        d = self.max_depth
+        toks = torch.full((1, d + 1), -1, dtype=torch.long)
+        toks[0, 0] = root
+        if branch:
+            toks[0, 1 : 1 + len(branch)] = torch.tensor(branch[:d])
+        x = self.head.block_embeddings(self.embed, toks).to(self.dtype)
+        pos = torch.arange(self._ctx_len, self._ctx_len + d + 1).unsqueeze(0)
+        mask = None
+        if self.head.cfg.causal:
+            mask = torch.ones(d + 1, self._ctx_len + d + 1, dtype=torch.bool)
+            mask[:, self._ctx_len :] = torch.ones(d + 1, d + 1, dtype=torch.bool).tril()
+        kv = self._context()
+        h = self.head.forward_blocks(x, pos, kv, mask)
+        return self.lm_head(h[0, 1:].to(self.embed.weight.dtype)).float()
+
+    @torch.inference_mode()
+    def conditioned_logits(self, tree: DraftTree) -> torch.Tensor:
+        """Next-token logits (N, V) for every node of `tree`, each conditioned on its own branch.
+
+        One head pass under a tree mask: node rows carry their real tokens and see
+        only their ancestors; one MASK row per node sits one position deeper and
+        sees that node's branch -- exactly what a block-causal head saw in training
+        when a block's prefix was un-masked.
+        """
+        n, c = tree.num_nodes, self._ctx_len
+        anc = tree.ancestor_mask()
+        toks = torch.cat([tree.tokens, torch.full((n,), -1, dtype=torch.long)]).view(1, 2 * n)
+        x = self.head.block_embeddings(self.embed, toks).to(self.dtype)
+        depth = tree.depths
+        pos = torch.cat([c + depth, c + depth + 1]).view(1, 2 * n)
+        mask = torch.zeros(2 * n, c + 2 * n, dtype=torch.bool)
+        mask[:, :c] = True
+        mask[:n, c : c + n] = anc
+        mask[n:, c : c + n] = anc
+        mask[n:, c + n :] = torch.eye(n, dtype=torch.bool)
+        kv = self._context()
+        h = self.head.forward_blocks(x, pos, kv, mask)
+        return self.lm_head(h[0, n:].to(self.embed.weight.dtype)).float()
+
+    def propose(self, tokens: list[int], budget: int) -> DraftTree:
+        root = tokens[-1]
+        logits = self.block_logits(root)
+        logp = torch.log_softmax(logits, dim=-1)
+        if not self.tree or budget <= self.max_depth + 1 and self.width == 1:
+            chain = logp.argmax(-1)[: max(0, budget - 1)]
+            lp = logp.gather(-1, chain.unsqueeze(-1)).squeeze(-1)
+            return build_chain(root, chain.tolist(), logps=lp, q=None)
+        tree = build_best_first(root, logp, budget=budget, max_depth=self.max_depth, width=self.width, keep_q=False)
+        if not self.path_conditioned or tree.num_nodes < 2:
+            return tree
+        # Refresh: rebuild best-first with each node's children drawn from its branch-conditioned
+        # distribution; branches the first tree did not contain fall back to the per-depth marginal.
+        cond = torch.log_softmax(self.conditioned_logits(tree), dim=-1)
+        by_path = {tuple(tree.tokens[tree.path_to(i)[1:]].tolist()): i for i in range(tree.num_nodes)}
+
+        def path_dist(path: list[int]) -> torch.Tensor:
+            i = by_path.get(tuple(path))
+            return cond[i] if i is not None else logp[len(path)]
+
+        return build_best_first(root, None, budget=budget, max_depth=self.max_depth, width=self.width,
+                                path_dist=path_dist, keep_q=False)

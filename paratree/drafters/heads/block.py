@@ -1,0 +1,231 @@
+"""Block draft heads: one pass over [anchor, MASK x (B-1)] gives B-1 depths of logits.
+
+The head reads fused target hidden states ("taps") of the committed context and
+injects them as extra keys/values in every layer (DFlash / JetSpec design):
+queries come from the block only, keys/values from [context ; block]. It owns
+no embedding or LM head: it borrows the frozen target's, so it stays small.
+
+`causal=True` is JetSpec (block-causal: row i sees block rows <= i, so depth i
+follows the autoregressive factorisation and rows can carry real branch tokens
+for path-conditioned drafting); `causal=False` is DFlash (bidirectional block).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...models.config import ModelConfig
+from ...models.transformer import MLP, RMSNorm, rotate_half
+
+
+class HeadMismatchError(ValueError):
+    """A head trained for another target model."""
+
+
+@dataclass
+class BlockHeadConfig:
+    family: str  # "jetspec" | "dflash"
+    causal: bool
+    target_hidden: int
+    vocab_size: int
+    target_layers: int
+    tap_layers: tuple[int, ...]
+    block_size: int = 16
+    num_layers: int = 2
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    rms_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    target_name: str = ""
+    tokenizer_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_target(cls, tcfg: ModelConfig, family: str = "jetspec", num_taps: int = 3, **kw) -> "BlockHeadConfig":
+        """Sensible head shape for a target: target-sized layers, taps spread over 1..L-3 (DFlash's rule)."""
+        n = tcfg.num_layers
+        lo, hi = 1, max(1, n - 3)
+        taps = tuple(sorted({round(lo + i * (hi - lo) / max(1, num_taps - 1)) for i in range(num_taps)}))
+        base = dict(family=family, causal=family != "dflash", target_hidden=tcfg.hidden_size,
+                    vocab_size=tcfg.vocab_size, target_layers=n, tap_layers=taps, num_heads=tcfg.num_heads,
+                    num_kv_heads=tcfg.num_kv_heads, head_dim=tcfg.head_dim,
+                    intermediate_size=tcfg.intermediate_size, rms_eps=tcfg.rms_eps, rope_theta=tcfg.rope_theta)
+        base.update(kw)
+        return cls(**base)
+
+    @property
+    def depth(self) -> int:
+        return self.block_size - 1
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["tap_layers"] = list(self.tap_layers)
+        return json.dumps(d, indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> "BlockHeadConfig":
+        d = json.loads(s)
+        d["tap_layers"] = tuple(d["tap_layers"])
+        return cls(**d)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary, so a head refuses a target with another tokenizer."""
+    if tokenizer is None:
+        return ""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+class HeadAttention(nn.Module):
+    def __init__(self, cfg: BlockHeadConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = cfg.target_hidden
+        self.wq = nn.Linear(h, self.nh * self.hd, bias=False)
+        self.wkv = nn.Linear(h, 2 * self.nkv * self.hd, bias=False)
+        self.wo = nn.Linear(self.nh * self.hd, h, bias=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_eps)
+        self.k_norm = RMSNorm(self.hd, cfg.rms_eps)
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B, nkv, T, hd) for rows x (B, T, H) at the given RoPE angles."""
+        b, t, _ = x.shape
+        k, v = self.wkv(x).view(b, t, 2, self.nkv, self.hd).unbind(2)
+        k = self.k_norm(k).transpose(1, 2)
+        k = k * cos + rotate_half(k) * sin
+        return k, v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
+        b, t, _ = x.shape
+        q = self.q_norm(self.wq(x).view(b, t, self.nh, self.hd)).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k, v = self.kv(x, cos, sin)
+        keys, vals = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)
+        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=self.nh != self.nkv)
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+
+class HeadLayer(nn.Module):
+    def __init__(self, cfg: BlockHeadConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.target_hidden, cfg.rms_eps)
+        self.attn = HeadAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.target_hidden, cfg.rms_eps)
+        mcfg = type("C", (), {"hidden_size": cfg.target_hidden, "intermediate_size": cfg.intermediate_size})
+        self.mlp = MLP(mcfg)
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, ctx_k, ctx_v, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class BlockDraftHead(nn.Module):
+    def __init__(self, cfg: BlockHeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.target_hidden
+        self.fc = nn.Linear(len(cfg.tap_layers) * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, cfg.rms_eps)
+        self.mask_emb = nn.Parameter(torch.zeros(h))
+        self.layers = nn.ModuleList(HeadLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(h, cfg.rms_eps)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- pieces ------------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos/sin (…, T, hd) for integer positions (any leading shape)."""
+        need = int(positions.max()) + 1
+        if self._rope is None or self._rope[0].shape[0] < need or self._rope[0].dtype != dtype:
+            n = max(need, 4096)
+            hd = self.cfg.head_dim
+            inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+            f = torch.outer(torch.arange(n, dtype=torch.float64), inv)
+            emb = torch.cat((f, f), dim=-1)
+            self._rope = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._rope[0][positions], self._rope[1][positions]
+
+    def fuse(self, taps: torch.Tensor) -> torch.Tensor:
+        """Context features from concatenated target taps (…, k*H) -> (…, H)."""
+        return self.hidden_norm(self.fc(taps))
+
+    def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer context keys/values for fused features ctx (B, S, H) at positions (B, S)."""
+        cos, sin = self.rope(positions, ctx.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return [layer.attn.kv(ctx, cos, sin) for layer in self.layers]
+
+    def block_embeddings(self, embed: nn.Embedding, block_tokens: torch.Tensor) -> torch.Tensor:
+        """Embed block rows; token id -1 means MASK (the learned mask embedding)."""
+        is_mask = block_tokens < 0
+        x = embed(block_tokens.clamp_min(0))
+        return torch.where(is_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+
+    def forward_blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx_kv, mask: torch.Tensor | None):
+        """Run block rows x (B, T, H) at positions (B, T) against context K/V; returns final-normed rows."""
+        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for layer, (ck, cv) in zip(self.layers, ctx_kv):
+            x = layer(x, cos, sin, ck, cv, mask)
+        return self.norm(x)
+
+    def block_mask(self, n_blocks: int, ctx_visible: torch.Tensor) -> torch.Tensor:
+        """(n_blocks*B, S + n_blocks*B) bool mask: context visibility per block + in-block pattern."""
+        bs = self.cfg.block_size
+        inner = torch.ones(bs, bs, dtype=torch.bool)
+        if self.cfg.causal:
+            inner = inner.tril()
+        same = torch.block_diag(*([inner] * n_blocks)) if n_blocks > 1 else inner
+        ctx = ctx_visible.repeat_interleave(bs, dim=0)  # (n_blocks*bs, S)
+        return torch.cat([ctx, same], dim=1)
+
+    # -- save / load -------------------------------------------------------------------
+    def save(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, extra_files: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(sd, str(out / "head.safetensors"))
+        (out / "head_config.json").write_text(self.cfg.to_json())
+        for name, text in (extra_files or {}).items():
+            (out / name).write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BlockDraftHead":
+        from safetensors.torch import load_file
+
+        p = Path(path)
+        if not (p / "head_config.json").is_file():
+            raise ValueError(f"no draft head at '{path}' (expected head_config.json + head.safetensors)")
+        head = cls(BlockHeadConfig.from_json((p / "head_config.json").read_text()))
+        head.load_state_dict({k: v.to(dtype) for k, v in load_file(str(p / "head.safetensors")).items()})
+        return head.to(dtype)
+
+    def check_target(self, tcfg: ModelConfig, tokenizer=None) -> None:
+        """Refuse a target the head was not trained for (clear error, before any decoding)."""
+        c = self.cfg
+        problems = []
+        if c.target_hidden != tcfg.hidden_size:
+            problems.append(f"hidden size {c.target_hidden} != target's {tcfg.hidden_size}")
+        if c.vocab_size != tcfg.vocab_size:
+            problems.append(f"vocab size {c.vocab_size} != target's {tcfg.vocab_size}")
+        if c.target_layers != tcfg.num_layers:
+            problems.append(f"{c.target_layers} target layers != target's {tcfg.num_layers}")
+        fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else ""
+        if c.tokenizer_hash and fp and fp != c.tokenizer_hash:
+            problems.append("tokenizer differs from the one the head was trained with")
+        if problems:
+            raise HeadMismatchError(
+                f"draft head trained for '{c.target_name or 'another model'}' does not fit this target: "
+                + "; ".join(problems)
+            )

@@ -1,0 +1,142 @@
+"""The single-stream speculative decoding loop.
+
+draft -> verify (one target forward over the whole tree) -> accept -> commit.
+Plain decoding is the same loop with a root-only tree, so plain and
+speculative runs share warping, sampling, stopping and timing code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..drafters.base import Drafter, NoDrafter
+from ..models.runner import ContextOverflowError, TargetRunner
+from ..verify.accept import accept
+from ..verify.stopping import truncate_emitted
+from ..verify.warp import SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    rounds: int
+    time_prefill: float
+    time_draft: float
+    time_verify: float
+    time_total: float
+    accepted_per_round: list[int] = field(default_factory=list)  # tokens emitted per round, bonus included
+    tree_sizes: list[int] = field(default_factory=list)
+    accept_depths: list[int] = field(default_factory=list)  # per round: accepted draft nodes (bonus excluded)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per verify round (accepted drafts + the bonus token)."""
+        return sum(self.accepted_per_round) / max(1, self.rounds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_new_tokens / max(self.time_total, 1e-9)
+
+
+class Generator:
+    """Drives one target runner and one drafter over a single sequence at a time."""
+
+    def __init__(self, runner: TargetRunner, drafter: Drafter | None = None, eos_ids: set[int] | None = None,
+                 budget: int = 32, method: str = "auto", sizer=None):
+        self.runner = runner
+        self.drafter = drafter or NoDrafter()
+        self.eos_ids = set(eos_ids or ())
+        self.budget = budget
+        self.method = method
+        # Optional tree sizer (e.g. engine.sizing.AutoSizer): sizer(tree) -> a prefix of tree,
+        # applied to every proposal before verify; sizer.observe(tree, path, tokens), if it
+        # exists, sees each verify outcome. Pruning never changes the output, only speed.
+        self.sizer = sizer
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams | None = None,
+        on_tokens: Callable[[list[int]], bool | None] | None = None,
+        stop_check: Callable[[list[int]], int | None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to `max_new_tokens` after `prompt_ids`.
+
+        `on_tokens(new_ids)` streams committed tokens; returning True cancels.
+        `stop_check(all_new_ids)` may return a cut length (stop strings).
+        """
+        params = params or SamplingParams()
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        runner = self.runner
+        need = len(prompt_ids) + max_new_tokens
+        if need > runner.max_len:
+            raise ContextOverflowError(
+                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} = {need} "
+                f"exceeds the context window of {runner.max_len} tokens"
+            )
+        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        drafter, taps = self.drafter, self.drafter.tap_layers
+        t0 = time.perf_counter()
+        runner.reset()
+        prompt_taps = runner.prefill(prompt_ids[:-1], taps=taps) if len(prompt_ids) > 1 else None
+        drafter.begin(list(prompt_ids), prompt_taps)
+        t_prefill = time.perf_counter() - t0
+        tokens = list(prompt_ids)
+        new: list[int] = []
+        res = GenerationResult([], "length", 0, t_prefill, 0.0, 0.0, 0.0)
+        finished = False
+        while not finished:
+            remaining = max_new_tokens - len(new)
+            # The tree may not outgrow the cache; the root itself always fits (need <= max_len).
+            room = runner.max_len - runner.lengths[0]
+            t1 = time.perf_counter()
+            tree = drafter.propose(tokens, max(1, min(self.budget, room, remaining + 1)))
+            if self.sizer is not None:
+                tree = self.sizer(tree)
+            t2 = time.perf_counter()
+            out = runner.verify(tree, taps=taps)
+            acc = accept(tree, out.logits, params, gen, method=self.method)
+            if self.sizer is not None and hasattr(self.sizer, "observe"):
+                self.sizer.observe(tree, acc.path, acc.tokens)
+            runner.commit(acc.path)
+            drafter.update(tree.tokens[acc.path].tolist(), None if out.taps is None else out.taps[acc.path])
+            t3 = time.perf_counter()
+            res.time_draft += t2 - t1
+            res.time_verify += t3 - t2
+            res.rounds += 1
+            res.tree_sizes.append(tree.num_nodes)
+            res.accept_depths.append(len(acc.path) - 1)
+            emitted, finished = truncate_emitted(acc.tokens, self.eos_ids, remaining)
+            res.accepted_per_round.append(len(emitted))
+            if finished and emitted and emitted[-1] in self.eos_ids:
+                res.finish_reason = "stop"
+            if stop_check is not None:
+                cut = stop_check(new + emitted)
+                if cut is not None:
+                    total = (new + emitted)[:cut]
+                    emitted = total[len(new):]
+                    del new[cut:]
+                    finished, res.finish_reason = True, "stop"
+            new.extend(emitted)
+            tokens.extend(emitted)
+            if len(new) >= max_new_tokens:
+                finished = True
+            if on_tokens is not None and emitted and on_tokens(emitted):
+                finished, res.finish_reason = True, "cancelled"
+        res.token_ids = new
+        res.time_total = time.perf_counter() - t0
+        return res

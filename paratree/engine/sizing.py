@@ -1,0 +1,333 @@
+"""`--budget auto`: size every draft tree against this machine's measured verify cost.
+
+`calibrate` measures verify latency T(n) for trees of 1..256 nodes on top of a
+realistic KV-cache length, the draft latency of every drafter and the fixed
+per-round overhead, and stores them as a JSON profile under the paratree cache
+dir. `AutoSizer` then prunes each proposed tree to the prefix that maximises
+expected accepted tokens per second (`tree.cost.size_tree`). Acceptance per node
+comes from the drafter's own `cum_logp` when the tree carries it, else from a
+per-(depth, rank) acceptance table learned online over the run.
+
+Pruning keeps a prefix of the tree, which is itself a valid tree, so it never
+changes what is generated, only how fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..models.loader import LoadedModel, cache_dir
+from ..models.runner import TargetRunner
+from ..tree.builders import AcceptanceProfile, build_best_first
+from ..tree.cost import VerifyCostModel, path_accept_prob, size_tree
+from ..tree.draft_tree import DraftTree
+
+CALIBRATION_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+QUICK_SIZES = (1, 4, 16, 64, 256)
+PROFILE_VERSION = 1
+
+
+# -- profile location ------------------------------------------------------------------
+def cpu_signature() -> str:
+    """A short, file-name-safe description of the CPU and the thread count torch uses."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                name = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or socket.gethostname()
+    name = re.sub(r"\(r\)|\(tm\)|cpu|@.*$", "", name, flags=re.I)
+    name = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:40] or "cpu"
+    return f"{name}-{torch.get_num_threads()}t"
+
+
+def model_key(lm: LoadedModel) -> str:
+    """The model's display name, plus a path hash for checkpoint directories (names like 'model' collide)."""
+    from ..models.loader import PACKAGED
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", lm.name)
+    if lm.name in PACKAGED:
+        return name
+    return f"{name}-{hashlib.sha1(str(Path(lm.path).resolve()).encode()).hexdigest()[:8]}"
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"}.get(
+        dtype, str(dtype).replace("torch.", ""))
+
+
+def profile_path(lm: LoadedModel, dtype: str | torch.dtype | None = None) -> Path:
+    dt = dtype_name(dtype if dtype is not None else lm.model.embed.weight.dtype)
+    return cache_dir() / "profiles" / f"{model_key(lm)}-{dt}-{cpu_signature()}.json"
+
+
+# -- calibration -----------------------------------------------------------------------
+def random_best_first_tree(root: int, n: int, vocab: int, gen: torch.Generator, depth: int = 12,
+                           width: int = 6) -> DraftTree:
+    """A tree of exactly n nodes with the shape a best-first drafter produces (random peaked rows)."""
+    if n <= 1:
+        return DraftTree.chain([root])
+    logits = torch.randn(depth, vocab, generator=gen, dtype=torch.float64) * 4.0
+    tree = build_best_first(root, logits, budget=n, max_depth=depth, width=width, keep_q=False)
+    while tree.num_nodes < n:  # cannot happen for n <= 256 with these parameters, but stay exact
+        width += 2
+        tree = build_best_first(root, logits, budget=n, max_depth=depth, width=width, keep_q=False)
+    return tree
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_verify(runner: TargetRunner, sizes: Sequence[int], past_len: int = 256, repeats: int = 5,
+                   seed: int = 0, on_point: Callable[[int, float], None] | None = None) -> list[tuple[int, float]]:
+    """Median latency of `runner.verify` on random best-first trees of each size, after `past_len` cached tokens.
+
+    Sizes are timed round-robin (one pass over all sizes per repeat), so a burst of load
+    from other processes hits every size alike instead of bending one part of the curve.
+    """
+    vocab = runner.cfg.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    past_len = max(1, min(past_len, runner.max_len - max(sizes) - 1))
+    runner.reset()
+    runner.prefill(torch.randint(0, vocab, (past_len,), generator=gen).tolist())
+    trees = [random_best_first_tree(int(torch.randint(0, vocab, (1,), generator=gen)), n, vocab, gen) for n in sizes]
+    for tree in trees:  # warm-up; verify without commit keeps the cache at past_len (same slots reused)
+        runner.verify(tree)
+    times: list[list[float]] = [[] for _ in sizes]
+    for _ in range(repeats):
+        for k, tree in enumerate(trees):
+            t0 = time.perf_counter()
+            runner.verify(tree)
+            times[k].append(time.perf_counter() - t0)
+    points = [(int(n), statistics.median(ts)) for n, ts in zip(sizes, times)]
+    if on_point is not None:
+        for n, s in points:
+            on_point(n, s)
+    runner.reset()
+    return points
+
+
+def _context_ids(lm: LoadedModel, n: int = 256) -> list[int]:
+    """Real text token ids for timing drafters (GSM8K questions), padded/cut to n."""
+    from ..bench.datasets import load_prompts
+
+    text = "\n".join(load_prompts("gsm8k", limit=12))
+    ids = lm.tokenizer.encode(text) if lm.tokenizer is not None else []
+    if not ids:
+        ids = list(range(1, 64))
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def measure_drafters(lm: LoadedModel, names: Sequence[str] | None = None, budget: int = 32, repeats: int = 5,
+                     ctx_len: int = 256, max_budget: int | None = None) -> dict[str, dict]:
+    """Median `propose` latency per drafter at `budget` (and at `max_budget`, what `--budget auto` proposes).
+
+    Errors are recorded, never raised: a trained head may be missing on this machine.
+    """
+    from ..drafters import DRAFTERS, make_drafter
+
+    ids = _context_ids(lm, ctx_len)
+    out: dict[str, dict] = {}
+    for name in names if names is not None else DRAFTERS:
+        try:
+            d = make_drafter(name, lm)
+            taps = None
+            if getattr(d, "tap_layers", ()):
+                runner = TargetRunner(lm.model, max_len=ctx_len + budget + 8)
+                taps = runner.prefill(ids[:-1], taps=d.tap_layers)
+            d.begin(list(ids), taps)
+            s = _median_seconds(lambda: d.propose(list(ids), budget), repeats)
+            out[name] = {"seconds": s, "budget": budget}
+            if max_budget and max_budget != budget:
+                out[name]["seconds_max"] = _median_seconds(lambda: d.propose(list(ids), max_budget), repeats)
+                out[name]["budget_max"] = max_budget
+        except Exception as e:  # a drafter that cannot run here is reported, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def measure_round_overhead(lm: LoadedModel, runner: TargetRunner, repeats: int = 21) -> float:
+    """Per-round work besides draft and verify forward: acceptance over the verified logits (median)."""
+    from ..verify.accept import accept
+    from ..verify.warp import SamplingParams
+
+    runner.reset()
+    runner.prefill(list(range(1, 17)))
+    tree = DraftTree.chain([1])
+    logits = runner.verify(tree).logits
+    params = SamplingParams()
+    s = _median_seconds(lambda: accept(tree, logits, params, None), repeats)
+    runner.reset()
+    return s
+
+
+def calibrate(lm: LoadedModel, sizes: Sequence[int] | None = None, max_nodes: int = 256, past_len: int = 256,
+              repeats: int = 5, drafters: Sequence[str] | None = None, path: Path | None = None,
+              on_point: Callable[[int, float], None] | None = None) -> dict:
+    """Measure this machine's verify cost curve and drafter latencies; write and return the profile."""
+    sizes = sorted({int(s) for s in (sizes or CALIBRATION_SIZES) if 1 <= int(s) <= max_nodes} | {1})
+    runner = TargetRunner(lm.model, max_len=min(lm.config.max_position, past_len + max(sizes) + 64))
+    t_start = time.perf_counter()
+    points = measure_verify(runner, sizes, past_len=past_len, repeats=repeats, on_point=on_point)
+    overhead = measure_round_overhead(lm, runner)
+    draft = measure_drafters(lm, drafters, repeats=repeats, max_budget=max(sizes))
+    cost = VerifyCostModel(points)
+    profile = {
+        "version": PROFILE_VERSION,
+        "model": lm.name,
+        "model_path": str(lm.path),
+        "dtype": dtype_name(lm.model.embed.weight.dtype),
+        "host": socket.gethostname(),
+        "cpu": cpu_signature(),
+        "torch_threads": torch.get_num_threads(),
+        "past_len": past_len,
+        "repeats": repeats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "calibration_seconds": round(time.perf_counter() - t_start, 3),
+        "verify_points": [[n, s] for n, s in points],  # measured medians
+        "verify_model": [[n, s] for n, s in cost.points],  # monotone (running max) as VerifyCostModel keeps them
+        "round_overhead_s": overhead,
+        "draft": draft,
+    }
+    path = Path(path) if path is not None else profile_path(lm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(profile, indent=1))
+    tmp.replace(path)
+    profile["path"] = str(path)
+    return profile
+
+
+def load_profile(path: Path) -> dict | None:
+    try:
+        prof = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if prof.get("version") != PROFILE_VERSION or not prof.get("verify_points"):
+        return None
+    prof["path"] = str(path)
+    return prof
+
+
+def get_profile(lm: LoadedModel, calibrate_if_missing: bool = True, quick: bool = True, **kw) -> dict | None:
+    """The stored profile for this model, dtype and machine; a short calibration runs when it is missing."""
+    path = profile_path(lm)
+    prof = load_profile(path)
+    if prof is None and calibrate_if_missing:
+        if quick:
+            kw.setdefault("sizes", QUICK_SIZES)
+            kw.setdefault("repeats", 3)
+        prof = calibrate(lm, path=path, **kw)
+    return prof
+
+
+# -- online sizing -----------------------------------------------------------------------
+class AutoSizer:
+    """sizer(tree) -> the prefix maximising E[accepted tokens] / (draft + overhead + T(n)).
+
+    Per-node acceptance: exp(cum_logp) when the tree has it (`path_accept_prob`), else
+    the product along the path of an empirical P(target picks the rank-r child | depth d),
+    smoothed towards an optimistic prior 0.5 * 0.5**r. The table is updated from every
+    verify outcome against the *unpruned* proposal, so pruned-away children are still
+    scored whenever the target's bonus token lands on them (no lock-in on a low estimate).
+    """
+
+    def __init__(self, cost: VerifyCostModel, fixed_seconds: float = 0.0, max_nodes: int | None = None,
+                 prior_weight: float = 2.0, max_depth: int = 64, width: int = 64):
+        self.cost = cost
+        self.fixed_seconds = fixed_seconds
+        self.max_nodes = int(max_nodes or cost.points[-1][0])
+        self.prior_weight = prior_weight
+        self.profile = AcceptanceProfile(max_depth, width)
+        self._full: DraftTree | None = None
+        self.proposed_nodes: list[int] = []
+        self.kept_nodes: list[int] = []
+
+    @classmethod
+    def from_profile(cls, profile: dict, drafter: str | None = None, **kw) -> "AutoSizer":
+        cost = VerifyCostModel([(int(n), float(s)) for n, s in profile["verify_points"]])
+        fixed = float(profile.get("round_overhead_s", 0.0))
+        d = (profile.get("draft") or {}).get(drafter or "", {})
+        fixed += float(d.get("seconds_max", d.get("seconds", 0.0)))
+        return cls(cost, fixed_seconds=fixed, **kw)
+
+    def table(self, max_depth: int, width: int) -> list[list[float]]:
+        hits = self.profile.hits.double()
+        visits = self.profile.visits.double()
+        w = self.prior_weight
+        prior = [0.5 * 0.5**r for r in range(width)]
+        rows = []
+        for d in range(max_depth):
+            if d < visits.numel():
+                v = float(visits[d])
+                rows.append([(float(hits[d, r]) + w * prior[r]) / (v + w) if r < hits.shape[1] else 0.0
+                             for r in range(width)])
+            else:
+                rows.append(prior)
+        return rows
+
+    def node_accept_prob(self, tree: DraftTree) -> torch.Tensor:
+        if tree.cum_logp is not None:
+            return path_accept_prob(tree)
+        dep = int(tree.depths.max()) + 1
+        width = int(torch.bincount(tree.parents[1:]).max()) if tree.num_nodes > 1 else 1
+        return path_accept_prob(tree, self.table(dep, width))
+
+    def __call__(self, tree: DraftTree) -> DraftTree:
+        self._full = tree
+        self.proposed_nodes.append(tree.num_nodes)
+        if tree.num_nodes <= 1:
+            out = tree
+        else:
+            if tree.num_nodes > self.max_nodes:
+                from ..tree.cost import subtree_prefix
+
+                tree = subtree_prefix(tree, self.max_nodes)
+            out = size_tree(tree, self.node_accept_prob(tree), self.cost, self.fixed_seconds)
+        self.kept_nodes.append(out.num_nodes)
+        return out
+
+    def observe(self, tree: DraftTree, path: list[int], tokens: list[int]) -> None:
+        full = self._full if self._full is not None else tree
+        if full.cum_logp is None and full.num_nodes > 1:
+            self.profile.observe_tree(full, path, tokens)
+        self._full = None
+
+
+def make_auto_sizer(lm: LoadedModel, drafter: str, calibrate_if_missing: bool = True,
+                    on_calibrate: Callable[[], None] | None = None) -> tuple[AutoSizer, dict]:
+    """An AutoSizer for `drafter` on `lm` from the stored profile (a short calibration if there is none)."""
+    prof = load_profile(profile_path(lm))
+    if prof is None:
+        if not calibrate_if_missing:
+            raise ValueError(f"no calibration profile at {profile_path(lm)}: run `paratree calibrate`")
+        if on_calibrate is not None:
+            on_calibrate()
+        prof = get_profile(lm, calibrate_if_missing=True)
+    return AutoSizer.from_profile(prof, drafter), prof

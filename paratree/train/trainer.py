@@ -1,0 +1,397 @@
+"""`paratree train --config FILE`: train a block draft head against a frozen target.
+
+One process on CPU, or `torchrun --nproc-per-node N` (gloo on CPU, nccl on GPU):
+every rank takes its share of each step's sequences, gradients are summed across
+ranks, and each loss is normalised by the GLOBAL number of supervised rows, so N
+ranks compute exactly the update one process computes on the same global batch.
+Anchors are drawn from a generator keyed by (seed, epoch, sequence), never by
+rank, for the same reason. Checkpoints hold weights, optimiser, scheduler and
+RNG state and are written atomically; `--resume` continues from the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..drafters.heads.block import BlockDraftHead, BlockHeadConfig, tokenizer_fingerprint
+from ..models.loader import LoadedModel, load_model
+from .data import load_sequences
+from .losses import LOSSES, teacher_forced_tau
+
+
+@dataclass
+class TrainConfig:
+    family: str = "jetspec"  # jetspec (block-causal, KL) | dflash (bidirectional, decayed CE)
+    target: str | None = None  # model spec; None = the default model
+    target_dtype: str = "bf16"
+    data: str = "runs/data/smollm2_distill.jsonl"
+    eval_fraction: float = 0.03
+    num_layers: int = 2
+    block_size: int = 16
+    num_taps: int = 3
+    loss: str = "kl"
+    kl_temperature: float = 1.0
+    gamma: float = 7.0
+    unmask_prob: float = 0.0  # path-conditioned training: chance a block gets a real-token prefix
+    lr: float = 6e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    epochs: float = 2.0
+    max_steps: int | None = None
+    seqs_per_step: int = 8
+    anchors_per_seq: int = 24
+    seed: int = 0
+    eval_every: int = 100
+    eval_seqs: int = 16
+    checkpoint_every: int = 50
+    log_every: int = 5
+    output_dir: str = "runs/jetspec"
+    device: str = "cpu"
+    autocast_bf16: bool = True  # head matmuls in bf16 (fp32 master weights): ~6x faster on AVX-512-bf16 CPUs
+    cache_features: bool = True  # keep target states in RAM across epochs (~4.6 KB/token for 3 taps at H=576)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown config keys in {path}: {', '.join(sorted(unknown))}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**raw)
+        if cfg.family not in ("jetspec", "dflash"):
+            raise ValueError(f"unknown head family '{cfg.family}': jetspec or dflash")
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"unknown loss '{cfg.loss}': {', '.join(LOSSES)}")
+        return cfg
+
+
+def machine_description() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
+
+
+# -- target features -------------------------------------------------------------------
+@torch.no_grad()  # not inference_mode: the outputs feed the head's autograd graph
+def target_states(lm: LoadedModel, ids: list[int], taps: tuple[int, ...]) -> torch.Tensor:
+    """Residual stream (T, (k+1)*H) of the frozen target at the tap layers plus the last layer.
+
+    The last layer's residual is all that is needed to recompute the target's
+    logits (final norm + LM head), so caching this is ~4 KB/token instead of
+    the ~200 KB/token the full logits would take.
+    """
+    m, cfg = lm.model, lm.config
+    t = len(ids)
+    dt = next(m.parameters()).dtype
+    k = torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, t, cfg.head_dim, dtype=dt)
+    v = torch.zeros_like(k)
+    pos = torch.arange(t).view(1, t)
+    mask = torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
+    layers = tuple(sorted(set(taps) | {cfg.num_layers - 1}))
+    _, tapped = m(torch.tensor([ids]), pos, k, v, t, mask=mask, taps=layers, logits_rows=torch.tensor([t - 1]))
+    h = cfg.hidden_size
+    by_layer = dict(zip(layers, tapped[0].split(h, dim=-1)))
+    return torch.cat([by_layer[i] for i in taps] + [by_layer[cfg.num_layers - 1]], dim=-1)
+
+
+@torch.no_grad()
+def target_features(lm: LoadedModel, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split cached states into head taps (T, k*H) and target logits (T, V)."""
+    h = lm.config.hidden_size
+    m = lm.model
+    head = getattr(m, "lm_head_packed", None) or m.lm_head
+    logits = head(m.norm(states[:, -h:]))
+    return states[:, :-h].float(), logits.float()
+
+
+def sample_anchors(n_tokens: int, prompt_len: int, n: int, gen: torch.Generator) -> list[int]:
+    """Anchor positions whose next token exists, from the last prompt token on (the first draft root)."""
+    lo, hi = max(0, prompt_len - 1), n_tokens - 2
+    if hi < lo:
+        return []
+    cand = torch.arange(lo, hi + 1)
+    if cand.numel() > n:
+        cand = cand[torch.randperm(cand.numel(), generator=gen)[:n]].sort().values
+    return cand.tolist()
+
+
+def build_blocks(ids: list[int], anchors: list[int], depth: int, unmask_prob: float, gen: torch.Generator):
+    """Block tokens (A, D+1) with -1 = MASK, and a (A, D) mask of supervised rows.
+
+    With unmask_prob, a block gets a real prefix t1..tm (m >= 1) so the causal head
+    learns to condition on a branch; those rows are inputs, not supervised.
+    """
+    a_n = len(anchors)
+    toks = torch.full((a_n, depth + 1), -1, dtype=torch.long)
+    sup = torch.zeros(a_n, depth)
+    t = len(ids)
+    for j, a in enumerate(anchors):
+        toks[j, 0] = ids[a]
+        valid = min(depth, t - 1 - a)
+        m = 0
+        if unmask_prob > 0 and valid > 1 and float(torch.rand((), generator=gen)) < unmask_prob:
+            m = int(torch.randint(1, valid, (), generator=gen))
+            toks[j, 1 : m + 1] = torch.tensor(ids[a + 1 : a + m + 1])
+        sup[j, m:valid] = 1.0
+    return toks, sup
+
+
+def head_logits(head: BlockDraftHead, lm: LoadedModel, taps: torch.Tensor, anchors: list[int],
+                block_tokens: torch.Tensor, embed_w: torch.Tensor, lm_w: torch.Tensor) -> torch.Tensor:
+    """Draft logits (A, D, V) for all anchors of one sequence in one head pass."""
+    a_n, bs = block_tokens.shape
+    t = taps.shape[0]
+    ctx = head.fuse(taps.unsqueeze(0))
+    kv = head.context_kv(ctx, torch.arange(t).unsqueeze(0))
+    is_mask = block_tokens < 0
+    emb = F.embedding(block_tokens.clamp_min(0), embed_w).to(ctx.dtype)
+    x = torch.where(is_mask.unsqueeze(-1), head.mask_emb.to(ctx.dtype), emb).view(1, a_n * bs, -1)
+    anchor_t = torch.tensor(anchors)
+    pos = (anchor_t.view(-1, 1) + torch.arange(bs).view(1, -1)).view(1, -1)
+    ctx_visible = torch.arange(t).view(1, -1) < anchor_t.view(-1, 1)
+    mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
+    h = head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)[:, 1:]
+    return F.linear(h, lm_w.to(h.dtype))
+
+
+# -- the trainer -------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, lm: LoadedModel | None = None, sequences: list[dict] | None = None,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        self.progress = progress and self.rank == 0
+        torch.manual_seed(cfg.seed)
+        self.lm = lm or load_model(cfg.target, cfg.target_dtype)
+        seqs = sequences if sequences is not None else load_sequences(cfg.data)
+        rng = random.Random(cfg.seed)
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        n_eval = max(1, int(len(seqs) * cfg.eval_fraction)) if len(seqs) > 1 else 0
+        self.eval_seqs = [seqs[i] for i in order[:n_eval]][: cfg.eval_seqs]
+        self.train_seqs = [seqs[i] for i in order[n_eval:]]
+        if not self.train_seqs:
+            raise ValueError("no training sequences left after the eval split")
+        hcfg = BlockHeadConfig.for_target(
+            self.lm.config, family=cfg.family, num_taps=cfg.num_taps, num_layers=cfg.num_layers,
+            block_size=cfg.block_size, target_name=self.lm.name,
+            tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer))
+        hcfg.causal = cfg.family == "jetspec"
+        self.head = BlockDraftHead(hcfg)
+        self._init_weights()
+        self.embed_w = self.lm.model.embed.weight.detach()
+        self.lm_w = self.lm.model.lm_head.weight.detach()
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        self.steps_per_epoch = math.ceil(len(self.train_seqs) / cfg.seqs_per_step)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.steps_per_epoch))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda)
+        self.step = 0
+        self.out = Path(cfg.output_dir)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _init_weights(self) -> None:
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        for name, p in self.head.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, 0.0, 0.02, generator=g)
+        # Start the mask embedding at the target's mean token embedding: a neutral input.
+        with torch.no_grad():
+            self.head.mask_emb.copy_(self.lm.model.embed.weight.float().mean(0))
+
+    def _lr_lambda(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        frac = (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps)
+        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    # -- one step ------------------------------------------------------------------------
+    def _step_sequences(self, step: int) -> list[tuple[int, dict]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.train_seqs)))
+        random.Random(self.cfg.seed * 1000003 + epoch).shuffle(order)
+        idx = order[within * self.cfg.seqs_per_step : (within + 1) * self.cfg.seqs_per_step]
+        return [(epoch * len(order) + i, self.train_seqs[i]) for i in idx]
+
+    def _prepare(self, key: int, seq: dict):
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + key)
+        anchors = sample_anchors(len(seq["ids"]), seq["prompt_len"], self.cfg.anchors_per_seq, gen)
+        toks, sup = build_blocks(seq["ids"], anchors, self.cfg.block_size - 1, self.cfg.unmask_prob, gen)
+        return anchors, toks, sup
+
+    def _states(self, seq: dict) -> torch.Tensor:
+        key = id(seq)
+        if key not in self._cache:
+            st = target_states(self.lm, seq["ids"], self.head.cfg.tap_layers)
+            if self.cfg.cache_features:
+                self._cache[key] = st
+            return st
+        return self._cache[key]
+
+    def _loss_sum(self, seq: dict, anchors, toks, sup):
+        taps, tlogits = target_features(self.lm, self._states(seq))
+        d = self.cfg.block_size - 1
+        idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(d).view(1, -1)).clamp(max=len(seq["ids"]) - 1)
+        target = tlogits[idx]  # row i (depth i+1) is predicted by the target at position anchor + i
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16 and self.cfg.device == "cpu"):
+            draft = head_logits(self.head, self.lm, taps, anchors, toks, self.embed_w, self.lm_w)
+        fn = LOSSES[self.cfg.loss]
+        if self.cfg.loss == "kl":
+            loss = fn(draft, target, sup, self.cfg.kl_temperature)
+        elif self.cfg.loss == "ce_decay":
+            loss = fn(draft, target, sup, self.cfg.gamma)
+        else:
+            loss = fn(draft, target, sup)
+        return loss, draft.detach(), target, sup
+
+    def train_step(self) -> dict:
+        items = self._step_sequences(self.step)
+        prepared = [(seq, *self._prepare(key, seq)) for key, seq in items]
+        # Every rank prepares every item (cheap), so `rows` is already the global count.
+        rows = torch.tensor(float(sum(float(p[3].sum()) for p in prepared)))
+        mine = prepared[self.rank :: self.world]
+        self.head.train()
+        self.opt.zero_grad(set_to_none=False)
+        total, tau_sum, n_tok = 0.0, 0.0, 0
+        for seq, anchors, toks, sup in mine:
+            if not anchors:
+                continue
+            loss, draft, target, _ = self._loss_sum(seq, anchors, toks, sup)
+            (loss / rows.clamp_min(1.0)).backward()
+            total += float(loss.detach())
+            tau_sum += teacher_forced_tau(draft, target, sup) * len(anchors)
+            n_tok += len(seq["ids"])
+        stats = torch.tensor([total, tau_sum, float(sum(len(p[1]) for p in mine)), float(n_tok)])
+        if self.world > 1:
+            for p in self.head.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(stats)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(stats[0]) / max(1.0, float(rows)),
+                "tau_tf": float(stats[1]) / max(1.0, float(stats[2])), "tokens": int(stats[3]),
+                "lr": self.sched.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out KL/CE and teacher-forced τ, on mask-only blocks (as drafted at inference)."""
+        self.head.eval()
+        loss, rows, taus = 0.0, 0.0, []
+        for i, seq in enumerate(self.eval_seqs):
+            gen = torch.Generator().manual_seed(10_000 + i)
+            anchors = sample_anchors(len(seq["ids"]), seq["prompt_len"], self.cfg.anchors_per_seq, gen)
+            if not anchors:
+                continue
+            toks, sup = build_blocks(seq["ids"], anchors, self.cfg.block_size - 1, 0.0, gen)
+            value, draft, target, _ = self._loss_sum(seq, anchors, toks, sup)
+            loss, rows = loss + float(value), rows + float(sup.sum())
+            taus.append(teacher_forced_tau(draft, target, sup))
+        return {"eval_loss": loss / max(rows, 1.0), "eval_tau_tf": sum(taus) / max(1, len(taus))}
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        ck = self.out / "checkpoints"
+        ck.mkdir(parents=True, exist_ok=True)
+        tmp = ck / f".tmp-step_{self.step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.head.save(tmp, dtype=torch.float32)
+        torch.save({"step": self.step, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}, tmp / "trainer_state.pt")
+        final = ck / f"step_{self.step:07d}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    def resume(self) -> bool:
+        ck = self.out / "checkpoints"
+        done = sorted(p for p in ck.glob("step_*") if (p / "trainer_state.pt").is_file()) if ck.is_dir() else []
+        if not done:
+            return False
+        last = done[-1]
+        loaded = BlockDraftHead.load(last, dtype=torch.float32)
+        self.head.load_state_dict(loaded.state_dict())
+        state = torch.load(last / "trainer_state.pt", weights_only=False)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        return True
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> dict:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
+        cols = [TextColumn(f"[bold]train {self.cfg.family}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.3f} τtf {task.fields[tau]:.2f} {task.fields[tps]:.0f} tok/s"),
+                TimeElapsedColumn(), TimeRemainingColumn()]
+        last: dict = {}
+        t0, toks = time.perf_counter(), 0
+        with Progress(*cols, disable=not self.progress) as bar:
+            task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=0.0, tau=0.0, tps=0.0)
+            while self.step < self.total_steps:
+                last = self.train_step()
+                toks += last["tokens"]
+                last["tokens_per_s"] = toks / (time.perf_counter() - t0)
+                bar.update(task, completed=self.step, loss=last["loss"], tau=last["tau_tf"], tps=last["tokens_per_s"])
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    last.update(self.evaluate())
+                if log and (self.step % self.cfg.log_every == 0 or "eval_loss" in last):
+                    log.write(json.dumps(last) + "\n")
+                    log.flush()
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        last.update(self.evaluate())
+        if log:
+            log.write(json.dumps({**last, "final": True}) + "\n")
+            log.close()
+        if self.rank == 0:
+            self.save_checkpoint()
+            n_tok = sum(len(s["ids"]) for s in self.train_seqs)
+            summary = {"config": asdict(self.cfg), "steps": self.step, "world_size": self.world,
+                       "wall_time_s": round(time.perf_counter() - t0, 1), "train_sequences": len(self.train_seqs),
+                       "train_tokens": n_tok, "eval_sequences": len(self.eval_seqs), "final": last,
+                       "machine": machine_description(), "head_params": sum(p.numel() for p in self.head.parameters())}
+            self.head.save(self.out / "head", dtype=torch.bfloat16,
+                           extra_files={"train_summary.json": json.dumps(summary, indent=2)})
+        return last

@@ -1,0 +1,325 @@
+"""`paratree bench` / `paratree calibrate` / `--budget auto`, in-process on a tiny random model.
+
+The tiny model has a 512-token byte-level BPE tokenizer (trained here in ~0.2 s on the
+vendored prompts) with a ChatML template, so the whole path (datasets, chat template,
+own runner, HF generate, report) runs for real in a few seconds.
+"""
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paratree.bench import datasets
+from paratree.bench.suite import BenchConfig, expand_methods, parse_budgets, parse_heads, run_bench
+from paratree.tree.cost import VerifyCostModel
+
+REQUIRED = ("method", "dataset", "tau", "tokens_per_s", "speedup", "greedy_mismatches", "tokens_per_forward",
+            "accept_by_depth", "draft_s", "verify_s", "mean_tree_size", "peak_rss_mb", "n_prompts", "new_tokens",
+            "target_forwards", "budget", "kind")
+
+
+def _make_tiny(out: Path) -> Path:
+    from hf_oracle import TINY, make_tiny_checkpoint
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = 512
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 like SmolLM2
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(datasets.load_prompts("gsm8k", 200) + datasets.load_prompts("mt_bench"), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    TINY["bench"] = dict(TINY["llama"], vocab_size=vocab, max_position_embeddings=2048, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2)
+    try:
+        make_tiny_checkpoint("bench", out)
+    finally:
+        del TINY["bench"]
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(_make_tiny(tmp_path_factory.mktemp("tinybench") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private paratree cache (profiles land here), shared by this module's tests."""
+    root = tmp_path_factory.mktemp("ptcache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PARATREE_CACHE", str(root))
+    yield root
+    mp.undo()
+
+
+def _consoles():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=200), Console(file=io.StringIO(), width=200)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchout")
+    custom = out / "custom.jsonl"
+    custom.write_text("\n".join(json.dumps({"instruction": f"Repeat the word {w} three times.", "input": ""})
+                                for w in ("apple", "river")) + "\n")
+    cfg = BenchConfig(datasets=["gsm8k", str(custom)], model=tiny, dtype="fp32", quick=True,
+                      methods=["plain", "hf", "hf-pld", "hf-assisted", "ngram", "ngram-chain@8"],
+                      json_out=str(out / "rows.json"), report_dir=str(out / "report"), progress=False,
+                      command="paratree bench --quick (test)")
+    err, std = _consoles()
+    res = run_bench(cfg, console=err, out_console=std)
+    return res, out, std.file.getvalue()
+
+
+def test_bench_rows_have_required_fields_and_sane_values(quick_run):
+    res, out, table = quick_run
+    rows = json.loads((out / "rows.json").read_text())
+    assert rows == json.loads(json.dumps(res.rows, default=str)) and not res.interrupted
+    methods = {r["method"] for r in rows}
+    assert methods == {"plain", "hf", "hf-pld", "ngram@32", "ngram@auto", "ngram-chain@8"}
+    assert {r["dataset"] for r in rows} == {"gsm8k", str(out / "custom.jsonl")}
+    assert any("hf-assisted skipped" in n for n in res.notes)
+    for r in rows:
+        for k in REQUIRED:
+            assert k in r, (k, r["method"])
+        assert r["n_prompts"] == 2 and 0 < r["new_tokens"] <= 2 * 32
+        assert r["tokens_per_s"] > 0 and r["speedup"] > 0 and r["peak_rss_mb"] > 0
+        assert 0 < r["tokens_per_forward"] <= 32
+        assert r["greedy_mismatches"] is not None and 0 <= r["greedy_mismatches"] <= 2
+        if r["kind"] == "paratree":
+            assert r["tau"] >= 1.0 and r["rounds"] >= 1 and r["draft_s"] >= 0 and r["verify_s"] > 0
+            acc = r["accept_by_depth"]
+            assert all(0 <= a <= 1 for a in acc) and acc == sorted(acc, reverse=True)
+            bound = 256 if r["budget"] == "auto" else r["budget"]
+            assert 1 <= r["mean_tree_size"] <= bound
+        else:
+            assert r["tau"] is None and r["accept_by_depth"] is None
+    for r in rows:
+        if r["method"] == "plain":
+            assert r["speedup"] == 1.0 and r["greedy_mismatches"] == 0 and r["tau"] == 1.0
+            assert r["mean_tree_size"] == 1.0
+        if r["method"].startswith("ngram") or r["method"] == "hf":  # fp32: token-for-token plain
+            assert r["greedy_mismatches"] == 0, r["method"]
+    auto = [r for r in rows if r["budget"] == "auto"]
+    assert auto and all(Path(r["profile"]).is_file() for r in auto)
+    assert "ngram@auto" in table and "speedup" in table
+
+
+def test_bench_report_files(quick_run):
+    res, out, _ = quick_run
+    rep = out / "report"
+    md = (rep / "report.md").read_text()
+    for png in ("speedup.png", "tau_vs_budget.png", "acceptance_by_depth.png", "verify_latency.png"):
+        data = (rep / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert f"]({png})" in md
+    assert "paratree bench --quick (test)" in md and "| gsm8k | plain |" in md and "bonus" in md
+    assert "Calibration profile" in md
+    assert json.loads((rep / "results.json").read_text())[0]["method"] == "plain"
+
+
+def test_jsonl_field_detection_and_clear_error(tmp_path, capsys):
+    cases = {
+        "prompt": [{"prompt": "a"}, {"prompt": "b"}],
+        "question": [{"question": "q1", "answer": "x"}],
+        "problem": [{"problem": "p1", "solution": "s"}],
+        "instruction": [{"instruction": "do it", "input": "ctx"}, {"instruction": "plain", "input": ""}],
+        "turns": [{"turns": ["first", "second"]}],
+    }
+    for field, rows in cases.items():
+        f = tmp_path / f"{field}.jsonl"
+        f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        got = datasets.load_prompts(str(f))
+        assert len(got) == len(rows), field
+    assert datasets.load_prompts(str(tmp_path / "instruction.jsonl")) == ["do it\n\nctx", "plain"]
+    assert datasets.load_prompts(str(tmp_path / "turns.jsonl")) == ["first"]
+    assert datasets.load_prompts("gsm8k", limit=3) and len(datasets.load_prompts("mt_bench", limit=2)) == 2
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "no prompt here"}) + "\n")
+    with pytest.raises(ValueError, match="no prompt field"):
+        datasets.load_prompts(str(bad))
+    from paratree.cli import main
+
+    # the dataset is read before any model loads, and the error is one clear line
+    assert main(["bench", "--dataset", f"gsm8k,{bad}", "--quick", "--model", "/no/such/model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("paratree: error:") and "no prompt field" in err[0]
+    assert main(["bench", "--dataset", "nope", "--quick"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+
+
+def test_method_and_budget_parsing(monkeypatch):
+    specs, notes = expand_methods(["ngram@16", "hf", "ngram-chain"], [8, "auto"])
+    assert [s.label for s in specs] == ["plain", "ngram@16", "hf", "ngram-chain@8", "ngram-chain@auto"]
+    assert any("plain added" in n for n in notes)
+    assert parse_budgets("8, 16,auto,8") == [8, 16, "auto"]
+    assert parse_heads(["jetspec=/a", "/b"]) == {"jetspec": "/a", "*": "/b"} and parse_heads(None) is None
+    with pytest.raises(ValueError, match="budget"):
+        parse_budgets("0")
+    with pytest.raises(ValueError, match="unknown method"):
+        expand_methods(["nosuch"], [32])
+    with pytest.raises(ValueError, match="no @budget"):
+        expand_methods(["hf@8"], [32])
+    # drafters registered later are benchmarked with no change here
+    import paratree.drafters as drafters
+
+    monkeypatch.setattr(drafters, "DRAFTERS", (*drafters.DRAFTERS, "future-head"))
+    specs, _ = expand_methods(None, [32])
+    labels = [s.label for s in specs]
+    assert "future-head@32" in labels and "ngram@32" in labels and "hf-pld" in labels
+    assert "hf-assisted" not in labels
+    specs, _ = expand_methods(None, [32], assistant="some/model")
+    assert "hf-assisted" in [s.label for s in specs]
+
+
+def test_calibrate_writes_monotone_profile(tiny, cache, capsys):
+    from paratree.cli import main
+    from paratree.engine.sizing import load_profile, profile_path
+    from paratree.models.loader import load_model
+
+    assert main(["calibrate", "--model", tiny, "--dtype", "bf16", "--sizes", "1,4,16,64,256", "--repeats",
+                 "5"]) == 0
+    out = capsys.readouterr().out
+    assert "profile:" in out and "ms / node" in out
+    lm = load_model(tiny, "bf16")
+    path = profile_path(lm)
+    assert path.is_file() and path.parent == Path(os.environ["PARATREE_CACHE"]) / "profiles"
+    assert "tiny" in path.name and "bf16" in path.name
+    prof = load_profile(path)
+    ns = [n for n, _ in prof["verify_points"]]
+    secs = [s for _, s in prof["verify_points"]]
+    assert ns == [1, 4, 16, 64, 256] and all(s > 0 for s in secs)
+    assert secs[-1] > secs[0]  # monotone-ish: 256 nodes cost more than one
+    model = [s for _, s in prof["verify_model"]]
+    assert model == sorted(model)
+    assert prof["draft"]["ngram"]["seconds"] > 0 and prof["round_overhead_s"] >= 0
+
+
+def _random_tree(n, seed=0, cum=True):
+    from paratree.tree.builders import build_best_first
+
+    g = torch.Generator().manual_seed(seed)
+    t = build_best_first(3, torch.randn(10, 50, generator=g) * 3, budget=n, max_depth=10, width=4, keep_q=False)
+    if not cum:
+        t.cum_logp = None
+    return t
+
+
+def test_auto_sizer_prunes_to_budget_and_learns():
+    from paratree.engine.sizing import AutoSizer
+
+    steep = VerifyCostModel([(1, 1e-3), (8, 1.1e-3), (32, 3e-3), (64, 10e-3), (256, 100e-3)])
+    sizer = AutoSizer(steep, fixed_seconds=0.5e-3, max_nodes=64)
+    tree = _random_tree(200)
+    out = sizer(tree)
+    assert 1 <= out.num_nodes <= 64 and out.num_nodes < tree.num_nodes
+    assert torch.equal(out.tokens, tree.tokens[: out.num_nodes]) and torch.equal(
+        out.parents, tree.parents[: out.num_nodes])
+    out.validate()
+    # flat cost: keep everything up to max_nodes
+    flat = AutoSizer(VerifyCostModel([(1, 1e-3), (256, 1e-3)]), max_nodes=32)
+    assert flat(_random_tree(100)).num_nodes == 32
+
+    # no cum_logp: an empirical per-(depth, rank) table, optimistic at first ...
+    learn = AutoSizer(VerifyCostModel([(1, 1e-3), (16, 1.5e-3), (64, 4e-3)]), max_nodes=64)
+    t = _random_tree(40, seed=1, cum=False)
+    first = learn(t).num_nodes
+    assert first > 1
+    # ... and after every draft is rejected, trees shrink to the root
+    kids0 = {int(t.tokens[c]) for c in t.children()[0]}
+    miss = next(x for x in range(50) if x not in kids0)
+    for _ in range(200):
+        pruned = learn(t)
+        learn.observe(pruned, [0], [miss])
+    assert learn(t).num_nodes < first and learn(t).num_nodes == 1
+    # and after the rank-0 chain is always accepted, it comes back
+    chain, node = [0], 0
+    kids = t.children()
+    while kids[node]:
+        node = kids[node][0]
+        chain.append(node)
+    for _ in range(400):
+        learn(t)
+        learn.observe(t, chain, [int(t.tokens[c]) for c in chain[1:]] + [miss])
+    assert learn(t).num_nodes > 1
+
+
+def test_generate_with_auto_budget_is_lossless(tiny, cache, capsys):
+    from paratree.cli import main
+    from paratree.drafters import NGramDrafter, NoDrafter
+    from paratree.engine.generate import Generator
+    from paratree.engine.pipeline import encode_prompt
+    from paratree.engine.sizing import make_auto_sizer
+    from paratree.models.loader import load_model
+    from paratree.models.runner import TargetRunner
+
+    lm = load_model(tiny, "fp32")
+    sizer, prof = make_auto_sizer(lm, "ngram")  # no fp32 profile yet: a short calibration runs
+    assert Path(prof["path"]).is_file() and sizer.max_nodes == 256
+    ids = encode_prompt(lm.tokenizer, datasets.load_prompts("gsm8k", 1)[0])
+    runner = TargetRunner(lm.model, max_len=len(ids) + 48 + 300)
+    plain = Generator(runner, NoDrafter(), eos_ids=lm.eos_ids).generate(ids, 48)
+    auto = Generator(runner, NGramDrafter(), eos_ids=lm.eos_ids, budget=sizer.max_nodes, sizer=sizer).generate(ids, 48)
+    assert auto.token_ids == plain.token_ids
+    assert len(sizer.kept_nodes) == auto.rounds and all(k <= p for k, p in zip(sizer.kept_nodes, sizer.proposed_nodes))
+    assert max(auto.tree_sizes) <= 256
+
+    assert main(["generate", "Tell me about apples.", "--model", tiny, "--dtype", "fp32", "--budget", "auto",
+                 "--max-new-tokens", "12", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["num_new_tokens"] >= 1 and got["tau"] >= 1.0
+    assert main(["generate", "Tell me about apples.", "--model", tiny, "--dtype", "fp32", "--max-new-tokens", "12",
+                 "--json"]) == 0  # default fixed budget still works
+    assert json.loads(capsys.readouterr().out)["token_ids"] == got["token_ids"]
+    assert main(["generate", "hi", "--model", tiny, "--budget", "lots"]) == 2
+    assert "budget" in capsys.readouterr().err
+
+
+def test_interrupt_leaves_valid_partial_output(tiny, cache, tmp_path, monkeypatch):
+    from paratree.bench import suite
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(suite.Bench, "run_hf", boom)
+    cfg = BenchConfig(datasets=["mt_bench"], model=tiny, dtype="fp32", methods=["plain", "hf", "ngram@8"],
+                      limit=1, max_new_tokens=8, repeats=2, json_out=str(tmp_path / "rows.json"),
+                      report_dir=str(tmp_path / "rep"), progress=False)
+    err, std = _consoles()
+    res = run_bench(cfg, console=err, out_console=std)
+    assert res.interrupted
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["method"] for r in rows] == ["plain"] and rows[0]["repeats_measured"] == 1
+    assert rows[0]["warmup_excluded"] is True
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "partial" in md and "| mt_bench | plain |" in md
+
+
+def test_sampling_bench_reports_no_greedy_mismatch(tiny, cache):
+    cfg = BenchConfig(datasets=["gsm8k"], model=tiny, dtype="fp32", methods=["plain", "hf", "ngram-chain@8"],
+                      limit=1, max_new_tokens=12, repeats=1, temperature=0.8, progress=False)
+    err, std = _consoles()
+    res = run_bench(cfg, console=err, out_console=std)
+    assert [r["method"] for r in res.rows] == ["plain", "hf", "ngram-chain@8"]
+    assert all(r["greedy_mismatches"] is None and r["temperature"] == 0.8 for r in res.rows)
+    assert "n/a" in std.file.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

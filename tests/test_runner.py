@@ -1,0 +1,139 @@
+"""The own runner against HF transformers in float64: prefill, greedy decoding, tree verify, commit."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_oracle import fp64_exact, load_hf
+from paratree.models.loader import load_model
+from paratree.models.runner import ContextOverflowError, TargetRunner
+from paratree.tree.draft_tree import DraftTree
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+def _runner(path, max_len=256):
+    lm = load_model(str(path), "fp64", tokenizer=False)
+    return lm, TargetRunner(lm.model, max_len=max_len)
+
+
+def _own_greedy(runner, prompt, n):
+    runner.reset()
+    runner.prefill(prompt[:-1])
+    tok, out = prompt[-1], []
+    for _ in range(n):
+        tok = int(runner.step(tok).argmax())
+        out.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_logits_match_hf(tiny_ckpts, arch):
+    lm, runner = _runner(tiny_ckpts[arch])
+    ids = torch.randint(0, lm.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with fp64_exact(), torch.no_grad():
+        ref = load_hf(tiny_ckpts[arch])(ids).logits[0]
+    runner.prefill(ids[0, :-1].tolist())
+    tree = DraftTree.chain([int(ids[0, -1])])
+    got = runner.verify(tree).logits[0]
+    assert (got - ref[-1]).abs().max() < 1e-8
+    # A multi-token chain verify reproduces every row, not only the last.
+    runner.reset()
+    runner.prefill(ids[0, :10].tolist())
+    got = runner.verify(DraftTree.chain(ids[0, 10:].tolist())).logits
+    assert (got - ref[10:]).abs().max() < 1e-8
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_64_tokens_match_hf_generate(tiny_ckpts, arch):
+    lm, runner = _runner(tiny_ckpts[arch])
+    prompt = torch.randint(0, lm.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with fp64_exact(), torch.no_grad():
+        hf = load_hf(tiny_ckpts[arch])
+        ref = hf.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64, pad_token_id=0,
+                          eos_token_id=None)[0, 12:].tolist()
+    assert _own_greedy(runner, prompt[0].tolist(), 64) == ref
+
+
+@st.composite
+def trees(draw, vocab):
+    n = draw(st.integers(1, 12))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+    depths = [0]
+    for i in range(1, n):
+        depths.append(depths[parents[i]] + 1)
+    toks = [draw(st.integers(0, vocab - 1)) for _ in range(n)]
+    leaf = draw(st.integers(0, n - 1))
+    return DraftTree(torch.tensor(toks), torch.tensor(parents), torch.tensor(depths)), leaf
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tree_verify_matches_path_decoding_and_commit_matches_cache(tiny_ckpts, arch):
+    lm, runner = _runner(tiny_ckpts[arch])
+    ref_runner = TargetRunner(lm.model, max_len=256)
+    prefix = torch.randint(0, lm.config.vocab_size, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    @settings(max_examples=25, deadline=None)
+    @given(trees(lm.config.vocab_size))
+    def check(case):
+        tree, leaf = case
+        runner.reset()
+        runner.prefill(prefix)
+        out = runner.verify(tree).logits
+        for i in range(tree.num_nodes):
+            path = tree.tokens[tree.path_to(i)].tolist()
+            ref_runner.reset()
+            ref_runner.prefill(prefix + path[:-1])
+            ref = ref_runner.verify(DraftTree.chain([path[-1]])).logits[0]
+            assert (out[i] - ref).abs().max() < 1e-8
+        path = tree.path_to(leaf)
+        runner.commit(path)
+        ref_runner.reset()
+        ref_runner.prefill(prefix + tree.tokens[path].tolist())
+        n = len(prefix) + len(path)
+        assert runner.lengths[0] == ref_runner.lengths[0] == n
+        assert (runner.k[:, :, :, :n] - ref_runner.k[:, :, :, :n]).abs().max() < 1e-10
+        assert (runner.v[:, :, :, :n] - ref_runner.v[:, :, :, :n]).abs().max() < 1e-10
+
+    check()
+
+
+def test_taps_are_residual_stream_after_layer(tiny_ckpts):
+    lm, runner = _runner(tiny_ckpts["llama"])
+    ids = torch.arange(5, 25).view(1, -1)
+    with fp64_exact(), torch.no_grad():
+        hs = load_hf(tiny_ckpts["llama"])(ids, output_hidden_states=True).hidden_states
+    taps = runner.prefill(ids[0].tolist(), taps=(0, 1))  # hs[-1] is post-norm in HF
+    ref = torch.cat([hs[1][0], hs[2][0]], dim=-1)
+    assert taps.shape == ref.shape
+    assert (taps - ref).abs().max() < 1e-8
+
+
+def test_context_overflow_and_bad_commit_are_refused(tiny_ckpts):
+    _, runner = _runner(tiny_ckpts["llama"], max_len=16)
+    with pytest.raises(ContextOverflowError):
+        runner.prefill(list(range(17)))
+    runner.prefill(list(range(10)))
+    runner.verify(DraftTree.chain([1, 2, 3]))
+    with pytest.raises(ValueError):
+        runner.commit([1, 2])
+    with pytest.raises(ValueError):
+        runner.commit([0, 5])
+    assert runner.lengths[0] == 10
+
+
+@pytest.mark.slow
+def test_default_model_matches_hf_fp64(default_ckpt):
+    lm, runner = _runner(default_ckpt, max_len=512)
+    ids = lm_ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
+                                  411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2,
+                                  198, 1, 520, 9531, 198]])
+    with fp64_exact(), torch.no_grad():
+        hf = load_hf(default_ckpt)
+        ref_logits = hf(ids).logits[0, -1]
+        ref = hf.generate(lm_ids, attention_mask=torch.ones_like(lm_ids), max_new_tokens=64, do_sample=False,
+                           eos_token_id=None, pad_token_id=2)[0, 37:]
+    runner.prefill(ids[0, :-1].tolist())
+    assert (runner.verify(DraftTree.chain([int(ids[0, -1])])).logits[0] - ref_logits).abs().max() < 1e-8
+    assert _own_greedy(runner, ids[0].tolist(), 64) == ref.tolist()

@@ -1,0 +1,251 @@
+"""Continuous batching engine without HTTP: batched verification is exact, requests join/leave freely."""
+
+
+import pytest
+import torch
+
+from paratree.drafters import NGramDrafter, NoDrafter
+from paratree.engine.generate import Generator
+from paratree.engine.scheduler import (
+    AcceptanceEstimator,
+    EngineRequest,
+    QueueFullError,
+    Scheduler,
+    ServePolicy,
+    measure_verify_cost,
+)
+from paratree.models.loader import load_model
+from paratree.models.runner import ContextOverflowError, TargetRunner
+from paratree.tree.cost import VerifyCostModel
+from paratree.tree.draft_tree import DraftTree
+from paratree.verify.warp import SamplingParams
+from test_engine import ScriptedDrafter  # the same scripted tree drafter the single-stream tests use
+
+FLAT = VerifyCostModel([(1, 1.0), (4096, 1.0)])  # free verify tokens: the adaptive policy stays in latency mode
+STEEP = VerifyCostModel([(1, 0.010), (8, 0.012), (64, 0.060), (512, 0.50)])
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ckpts):
+    return {a: load_model(str(tiny_ckpts[a]), "fp64", tokenizer=False) for a in ("llama", "qwen3")}
+
+
+def _random_tree(n, vocab, g):
+    toks, par, dep = [int(torch.randint(0, vocab, (1,), generator=g))], [-1], [0]
+    for i in range(1, n):
+        p = int(torch.randint(0, i, (1,), generator=g))
+        toks.append(int(torch.randint(0, vocab, (1,), generator=g)))
+        par.append(p)
+        dep.append(dep[p] + 1)
+    return DraftTree(torch.tensor(toks), torch.tensor(par), torch.tensor(dep))
+
+
+def test_verify_batch_matches_single_verify_fp64(models):
+    lm = models["qwen3"]
+    V = lm.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    single = TargetRunner(lm.model, max_len=128)
+    batched = TargetRunner(lm.model, max_len=129, batch_size=5)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 23, 9, 1, 40)]
+    for s, p in enumerate(prompts):
+        batched.prefill(p, seq=s)
+    # row 3 holds a verified-but-uncommitted tree: verify_batch must not clobber it
+    pending = _random_tree(4, V, g)
+    batched.verify(pending, seq=3)
+    trees = {0: _random_tree(7, V, g), 1: _random_tree(1, V, g), 2: _random_tree(12, V, g), 4: DraftTree.chain([3, 4])}
+    seqs = [2, 0, 4, 1]  # any order; row 3 lies inside the span but is not verified
+    out = batched.verify_batch([trees[s] for s in seqs], seqs)
+    for j, s in enumerate(seqs):
+        single.reset()
+        single.prefill(prompts[s])
+        ref = single.verify(trees[s]).logits
+        assert torch.allclose(out.logits[j, : trees[s].num_nodes], ref, atol=1e-10, rtol=0)
+        assert out.sizes[j] == trees[s].num_nodes
+    batched.commit_batch([[0, 1], [0]], [4, 1])
+    batched.commit([0, 2], seq=3)  # the pending tree survived the batched forward
+    single.reset()
+    single.prefill(prompts[3])
+    ref = single.verify(pending).logits
+    single.commit([0, 2])
+    probe = DraftTree.chain([7, 8, 9])
+    single_out = single.verify(probe).logits
+    assert torch.allclose(batched.verify_batch([probe], [3]).logits[0], single_out, atol=1e-10, rtol=0)
+    # moving a sequence to another row keeps its state
+    batched._last_tree_size[3] = 0
+    batched.move_seq(3, 1)
+    assert batched.lengths[1] == len(prompts[3]) + 2 and batched.lengths[3] == 0
+    assert torch.allclose(batched.verify_batch([probe], [1]).logits[0], single_out, atol=1e-10, rtol=0)
+
+
+def test_verify_batch_needs_a_padding_slot(models):
+    lm = models["llama"]
+    r = TargetRunner(lm.model, max_len=16, batch_size=2)
+    r.prefill(list(range(12)), seq=0)
+    r.prefill(list(range(3)), seq=1)
+    with pytest.raises(ContextOverflowError):  # row 0: 12 + 4 nodes = 16 leaves no slot for padding
+        r.verify_batch([DraftTree.chain([1, 2, 3, 4]), DraftTree.chain([1, 2, 3, 4, 5])], [0, 1])
+    r.verify_batch([DraftTree.chain([1, 2, 3]), DraftTree.chain([1, 2, 3, 4, 5])], [0, 1])
+
+
+def _plain(lm, prompt, n, eos=(), params=None):
+    runner = TargetRunner(lm.model, max_len=256)
+    return Generator(runner, NoDrafter(), eos_ids=set(eos)).generate(prompt, n, params).token_ids
+
+
+@pytest.mark.parametrize("arch,policy", [("llama", "latency"), ("qwen3", "throughput"), ("llama", "adaptive")])
+def test_batched_greedy_equals_single_stream_with_joins_and_leaves(models, arch, policy):
+    lm = models[arch]
+    V = lm.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    specs = []
+    for i in range(7):
+        base = torch.randint(0, V, (3 + 5 * i % 17,), generator=g).tolist()
+        prompt = base + base if i % 2 else base  # repetitive prompts give the n-gram drafter matches
+        n_new = [40, 12, 30, 7, 25, 33, 18][i]
+        specs.append((prompt, n_new))
+    truths = [_plain(lm, p, n) for p, n in specs]
+    cost = STEEP if policy != "latency" else FLAT
+    sched = Scheduler(TargetRunner(lm.model, max_len=161, batch_size=4), drafter_factory=NGramDrafter, budget=12,
+                      policy=policy, cost=cost, prefill_chunk=8, max_queue=16)
+    handles = {}
+    join_at = {0: [0, 1], 3: [2], 4: [3, 4], 9: [5], 15: [6]}  # round -> requests joining then
+    for rnd in range(400):
+        for i in join_at.get(rnd, []):
+            prompt, n_new = specs[i]
+            drafter = ScriptedDrafter(prompt, truths[i], V, seed=i) if i % 3 == 0 else None
+            handles[i] = sched.submit(EngineRequest(prompt, n_new, drafter=drafter))
+        sched.step()
+        if len(handles) == len(specs) and all(h.done for h in handles.values()):
+            break
+    for i, h in handles.items():
+        assert h.done, i
+        assert h.result.token_ids == truths[i], (i, policy)
+        assert h.result.finish_reason == "length"
+    scripted = [handles[i].result for i in (0, 3, 6)]
+    assert max(r.tau for r in scripted) > 1.5  # trees really were used
+    assert sched.n_active == 0 and all(r is None for r in sched.rows) and sched.queue_depth == 0
+    assert sched.metrics.rounds > 0 and sched.metrics.mode_rounds
+
+
+def test_batched_eos_and_sampling_match_single_stream(models):
+    lm = models["llama"]
+    V = lm.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (9,), generator=g).tolist() for _ in range(4)]
+    # EOS: pick a token the plain continuation emits, so truncation at EOS happens mid-tree
+    ref0 = _plain(lm, prompts[0], 30)
+    eos = {ref0[11]}
+    greedy_ref = [_plain(lm, p, 30, eos) for p in prompts]
+    sp = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i) for i in range(4)]
+    sample_ref = [_plain(lm, p, 25, (), sp[i]) for i, p in enumerate(prompts)]
+    sched = Scheduler(TargetRunner(lm.model, max_len=129, batch_size=8), drafter_factory=NGramDrafter, eos_ids=eos,
+                      budget=8, policy="throughput", cost=STEEP)
+    hs = [sched.submit(EngineRequest(p, 30)) for p in prompts]
+    hs += [sched.submit(EngineRequest(p + p, 25, params=SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i)))
+           for i, p in enumerate(prompts)]
+    sched.run_until_idle(1000)
+    for i in range(4):
+        assert hs[i].result.token_ids == greedy_ref[i]
+    assert hs[0].result.finish_reason == "stop" and hs[0].result.token_ids[-1] in eos
+    # target-sample matching draws one token per emitted token: with the same seed the speculative
+    # batched output is exactly the plain sampled output
+    sched2 = Scheduler(TargetRunner(lm.model, max_len=129, batch_size=8), drafter_factory=NGramDrafter,
+                       budget=8, policy="latency", cost=FLAT)
+    hs2 = [sched2.submit(EngineRequest(p, 25, params=sp[i])) for i, p in enumerate(prompts)]
+    sched2.run_until_idle(1000)
+    assert [h.result.token_ids for h in hs2] == sample_ref
+
+
+def test_cancel_timeout_queue_bound_and_events(models):
+    lm = models["llama"]
+    events = []
+    sched = Scheduler(TargetRunner(lm.model, max_len=129, batch_size=2), drafter_factory=NGramDrafter,
+                      budget=8, policy="latency", cost=FLAT, max_queue=2)
+    a = sched.submit(EngineRequest([1, 2, 3, 1, 2], 100, on_event=events.append))
+    b = sched.submit(EngineRequest([4, 5, 6], 100))
+    queued = [sched.submit(EngineRequest([7], 5)) for _ in range(2)]  # 2 free rows + max_queue 2
+    with pytest.raises(QueueFullError):
+        sched.submit(EngineRequest([7], 5))
+    for h in queued:
+        h.cancel()
+    for _ in range(3):
+        sched.step()
+    assert sched.n_active == 2 and sched.queue_depth == 0
+    assert all(h.done and h.result.finish_reason == "cancelled" for h in queued)
+    c = sched.submit(EngineRequest([9, 9, 9], 100, timeout_s=0.0))
+    sched.cancel(a)
+    sched.step()
+    assert a.done and a.result.finish_reason == "cancelled" and 0 < len(a.result.token_ids) < 100
+    assert [e.kind for e in events][-1] == "done" and all(e.kind == "tokens" for e in events[:-1])
+    assert sum(len(e.token_ids) for e in events) == len(a.result.token_ids)
+    sched.step()
+    assert c.done and c.result.finish_reason == "timeout"
+    b.cancel()
+    sched.step()
+    assert sched.n_active == 0 and b.result.finish_reason == "cancelled"
+    with pytest.raises(ValueError):
+        sched.submit(EngineRequest([1] * 120, 20))  # does not fit the context window
+
+
+def test_background_thread_serves_concurrent_submitters(models):
+    lm = models["qwen3"]
+    V = lm.config.vocab_size
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, V, (6 + i,), generator=g).tolist() for i in range(6)]
+    refs = [_plain(lm, p, 20) for p in prompts]
+    sched = Scheduler(TargetRunner(lm.model, max_len=129, batch_size=3), drafter_factory=NGramDrafter, budget=6,
+                      policy="adaptive", cost=STEEP).start()
+    try:
+        hs = [sched.submit(EngineRequest(p, 20)) for p in prompts]
+        outs = [h.wait(60) for h in hs]
+    finally:
+        sched.stop()
+    assert [o.token_ids for o in outs] == refs
+
+
+def test_policy_sizing_is_prefix_and_cost_aware():
+    cost = VerifyCostModel([(1, 0.01), (16, 0.011), (64, 0.05), (256, 0.2)])
+    pol = ServePolicy(cost, budget=8, max_batch=16)
+    assert pol.flat_tokens >= 16 and pol.switch_batch == pol.flat_tokens // 8
+    assert pol.choose_mode(1) == "latency" and pol.choose_mode(16) == "throughput"
+    est = AcceptanceEstimator()
+    pol.estimator = est
+    g = torch.Generator().manual_seed(0)
+    trees = [_random_tree(8, 50, g) for _ in range(16)]
+    plan = pol.plan(trees)
+    assert plan.mode == "throughput"
+    total = sum(t.num_nodes for t in plan.trees)
+    assert len(trees) <= total < sum(t.num_nodes for t in trees)
+    width = max(t.num_nodes for t in plan.trees)  # one forward width W: every tree keeps min(W, n) nodes
+    assert all(t.num_nodes == min(width, s.num_nodes) for t, s in zip(plan.trees, plan.sources))
+    assert ServePolicy(cost, 8, 16).switch_batch >= 1
+    steep = ServePolicy(STEEP, 8, 16)
+    assert steep.switch_batch == 0 and steep.choose_mode(1) == "throughput"  # not even one full tree is free
+    for t, src, perm in zip(plan.trees, plan.sources, plan.perms):
+        t.validate()
+        assert torch.equal(t.tokens, src.tokens[: t.num_nodes])
+        if perm is not None:  # reordered nodes are the drafted ones
+            assert sorted(perm.tolist()) == list(range(src.num_nodes))
+    # a flat curve never prunes; a latency-only policy never prunes
+    assert ServePolicy(FLAT, 8, 16).plan(trees).trees == trees
+    assert ServePolicy(cost, 8, 16, mode="latency").plan(trees).trees == trees
+
+
+def test_measure_verify_cost_runs_and_restores(models):
+    lm = models["llama"]
+    r = TargetRunner(lm.model, max_len=65, batch_size=4)
+    r.prefill([1, 2, 3], seq=1)
+    cost = measure_verify_cost(r, sizes=(1, 4, 8), repeats=1)
+    assert [n for n, _ in cost.points] == [1, 4, 8]
+    assert r.lengths == [0, 3, 0, 0]
+
+
+def test_cost_model_is_measured_once_then_loaded(models, tmp_path):
+    from paratree.engine.scheduler import load_or_measure_cost
+
+    r = TargetRunner(models["llama"].model, max_len=65, batch_size=2)
+    path = tmp_path / "cost.json"
+    cost, measured = load_or_measure_cost(r, path, sizes=(1, 2, 4), repeats=1)
+    assert measured and path.is_file()
+    again, measured2 = load_or_measure_cost(r, path, sizes=(1, 2, 4), repeats=1)
+    assert not measured2 and again.points == cost.points

@@ -1,0 +1,157 @@
+"""Training: loss goes down, resume after a kill is exact, 2-process DDP equals one process, heads refuse
+the wrong target, and any head (trained or not) keeps decoding lossless."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from paratree.drafters.block_drafter import BlockHeadDrafter
+from paratree.drafters.heads.block import BlockDraftHead, HeadMismatchError
+from paratree.drafters import NoDrafter
+from paratree.engine.generate import Generator
+from paratree.models.loader import load_model
+from paratree.models.runner import TargetRunner
+from paratree.train.trainer import Trainer, TrainConfig
+
+
+def _sequences(lm, n=24, seed=0):
+    """Self-distilled sequences from the tiny target: random prompt + its own greedy continuation."""
+    g = torch.Generator().manual_seed(seed)
+    runner = TargetRunner(lm.model, max_len=128)
+    gen = Generator(runner, NoDrafter())
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(0, lm.config.vocab_size, (8,), generator=g).tolist()
+        out.append({"ids": prompt + gen.generate(prompt, 40).token_ids, "prompt_len": 8})
+    return out
+
+
+def _cfg(tmp, **kw):
+    base = dict(family="jetspec", num_layers=1, block_size=6, num_taps=2, lr=3e-3, warmup_steps=2, epochs=100,
+                max_steps=6, seqs_per_step=4, anchors_per_seq=8, eval_every=0, checkpoint_every=3,
+                output_dir=str(tmp), autocast_bf16=False, eval_seqs=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_ckpts):
+    return load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def seqs(tiny_lm):
+    return _sequences(tiny_lm)
+
+
+def _state(head):
+    return {k: v.clone() for k, v in head.state_dict().items()}
+
+
+def test_loss_decreases(tiny_lm, seqs, tmp_path):
+    tr = Trainer(_cfg(tmp_path, max_steps=40, checkpoint_every=0), lm=tiny_lm, sequences=seqs, progress=False)
+    before = tr.evaluate()["eval_loss"]
+    tr.fit()
+    after = tr.evaluate()["eval_loss"]
+    assert after < 0.8 * before
+    assert (tmp_path / "head" / "head.safetensors").is_file()
+    assert any("eval_loss" in json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines())
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_lm, seqs, tmp_path):
+    full = Trainer(_cfg(tmp_path / "a"), lm=tiny_lm, sequences=seqs, progress=False)
+    full.fit()
+    part = Trainer(_cfg(tmp_path / "b"), lm=tiny_lm, sequences=seqs, progress=False)
+    real_step = part.train_step
+
+    def dies_at_step_5():
+        if part.step == 4:
+            raise KeyboardInterrupt  # killed mid-run: step 4 is lost, the step-3 checkpoint survives
+        return real_step()
+
+    part.train_step = dies_at_step_5
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resumed = Trainer(_cfg(tmp_path / "b"), lm=tiny_lm, sequences=seqs, progress=False)
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit()
+    a, b = _state(full.head), _state(resumed.head)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_equal_single_process(tiny_ckpts, tiny_lm, seqs, tmp_path):
+    data = tmp_path / "seqs.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in seqs))
+    script = Path(__file__).parent / "ddp_train_script.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29517", str(script), str(tiny_ckpts["llama"]), str(data), str(tmp_path / "ddp")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    single = Trainer(_cfg(tmp_path / "single", data=str(data)), lm=tiny_lm, progress=False)
+    single.fit()
+    ddp = BlockDraftHead.load(tmp_path / "ddp" / "checkpoints" / "step_0000006", dtype=torch.float32)
+    a, b = _state(single.head), ddp.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_head_for_another_target_is_refused(tiny_ckpts, tiny_lm, seqs, tmp_path):
+    tr = Trainer(_cfg(tmp_path, max_steps=1), lm=tiny_lm, sequences=seqs, progress=False)
+    tr.fit()
+    head = BlockDraftHead.load(tmp_path / "head")
+    other = load_model(str(tiny_ckpts["qwen2"]), "fp32", tokenizer=False)
+    with pytest.raises(HeadMismatchError, match="hidden size|vocab"):
+        head.check_target(other.config)
+    head.check_target(tiny_lm.config)  # its own target is fine
+
+
+@pytest.mark.parametrize("family,tree,pc", [("jetspec", True, False), ("jetspec", True, True),
+                                            ("jetspec", False, False), ("dflash", True, False)])
+def test_block_head_drafting_is_lossless(tiny_ckpts, seqs, tmp_path, family, tree, pc):
+    lm64 = load_model(str(tiny_ckpts["llama"]), "fp64", tokenizer=False)
+    lm32 = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False)
+    tr = Trainer(_cfg(tmp_path, family=family, loss="kl" if family == "jetspec" else "ce_decay", max_steps=30,
+                      checkpoint_every=0, unmask_prob=0.5 if pc else 0.0), lm=lm32, sequences=seqs, progress=False)
+    tr.fit()
+    head = BlockDraftHead.load(tmp_path / "head", dtype=torch.float64)
+    runner = TargetRunner(lm64.model, max_len=128)
+    drafter = BlockHeadDrafter(head, lm64.model.embed, lm64.model.lm_head, name=family, tree=tree, width=3,
+                               path_conditioned=pc)
+    accepted = 0
+    for s in seqs[:4]:
+        prompt = s["ids"][:8]
+        ref = Generator(runner, NoDrafter()).generate(prompt, 40).token_ids
+        res = Generator(runner, drafter, budget=12).generate(prompt, 40)
+        assert res.token_ids == ref
+        accepted += sum(res.accept_depths)
+    assert accepted > 0  # the trained head's drafts were really accepted
+
+
+def test_conditioned_rows_match_a_block_with_a_real_prefix(tiny_ckpts):
+    """The tree-masked refresh pass sees exactly what a block with an un-masked prefix sees."""
+    lm = load_model(str(tiny_ckpts["llama"]), "fp64", tokenizer=False)
+    from paratree.drafters.heads.block import BlockHeadConfig
+    from paratree.tree.draft_tree import DraftTree
+
+    torch.manual_seed(0)
+    head = BlockDraftHead(BlockHeadConfig.for_target(lm.config, num_taps=2, num_layers=2, block_size=6)).double()
+    for p in head.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    d = BlockHeadDrafter(head, lm.model.embed, lm.model.lm_head, name="jetspec", path_conditioned=True)
+    runner = TargetRunner(lm.model, max_len=64)
+    taps = runner.prefill(list(range(3, 15)), taps=head.cfg.tap_layers)
+    d.begin(list(range(3, 16)), taps)
+    # root 15 -> 7 -> 9, plus a sibling 8 of 7
+    tree = DraftTree(torch.tensor([15, 7, 8, 9]), torch.tensor([-1, 0, 0, 1]), torch.tensor([0, 1, 1, 2]))
+    cond = d.conditioned_logits(tree)
+    assert torch.allclose(cond[0], d.block_logits(15)[0], atol=1e-10)
+    assert torch.allclose(cond[1], d.block_logits(15, [7])[1], atol=1e-10)
+    assert torch.allclose(cond[2], d.block_logits(15, [8])[1], atol=1e-10)
+    assert torch.allclose(cond[3], d.block_logits(15, [7, 9])[2], atol=1e-10)
+    assert not torch.allclose(cond[1], cond[2])  # siblings get different, branch-specific children
