@@ -35,6 +35,10 @@ API_KEY = "test-key-123"
 # A steep synthetic verify cost curve: the adaptive policy serves one sequence in latency mode
 # and several in throughput mode (trees pruned to a shared verify budget), so both paths run.
 STEEP_COST = {"points": [[1, 0.02], [8, 0.03], [64, 0.2], [256, 0.8]]}
+# A GPU-like curve (flat up to a few dozen nodes): throughput mode still speculates at batch 16,
+# so the load test can check that drafts are accepted under batching whatever the machine's speed.
+# (With STEEP_COST a full batch of 16 correctly stops drafting, and tau is exactly 1.)
+FLAT_COST = {"points": [[1, 0.02], [64, 0.022], [256, 0.06]]}
 
 PROMPTS = [
     "Repeat this sentence exactly three times: the quick brown fox jumps over the lazy dog.",
@@ -162,11 +166,13 @@ def servers(tiny_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("cost")
     cost = d / "cost.json"
     cost.write_text(json.dumps(STEEP_COST))
+    flat = d / "flat.json"
+    flat.write_text(json.dumps(FLAT_COST))
     # one thread: a tiny model gains nothing from two, and loses a lot when the cores are shared
     fp32 = Server("--model", str(tiny_dir), "--dtype", "fp32", "--max-batch", "8", "--max-queue", "8",
                   "--max-model-len", "2048", "--cost-model", str(cost), "--threads", "1")
     bf16 = Server("--dtype", "bf16", "--max-batch", "16", "--max-queue", "64", "--max-model-len", "1024",
-                  "--cost-model", str(cost), key=API_KEY)
+                  "--cost-model", str(flat), key=API_KEY)
     try:
         yield {"fp32": fp32, "bf16": bf16}
     finally:
