@@ -16,7 +16,8 @@ EXIT_USER_ERROR = 2
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file (default: smollm2-135m)")
-    p.add_argument("--dtype", default="bf16", help="bf16 (default, fast on CPU), fp32, fp64")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: bf16 on GPUs and bf16-native CPUs, else fp32), bf16, fp32, fp64")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: model's, capped at 8192)")
 
 
@@ -62,9 +63,11 @@ def cmd_generate(args) -> int:
 
     params = _sampling(args)
     budget = parse_budget(args.budget)
-    head = {"head_path": args.head} if args.head else {}
+    opts = {"head_path": args.head} if args.head else {}
+    if args.drafter == "draft-model":
+        opts.update(draft_model=args.draft_model, draft_depth=args.draft_depth, draft_width=args.draft_width)
     pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=32 if budget == "auto" else budget,
-                         max_len=args.max_model_len, **head)
+                         max_len=args.max_model_len, **opts)
     if budget == "auto" and args.drafter != "plain":
         from .engine.sizing import make_auto_sizer
 
@@ -94,7 +97,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models.loader import PACKAGED, ModelNotFoundError, resolve
+    from .models.loader import PACKAGED, is_installed
 
     from rich.console import Console
     from rich.table import Table
@@ -103,12 +106,7 @@ def cmd_models(args) -> int:
     for col in ("name", "model", "installed", "install command"):
         table.add_column(col)
     for name, pm in PACKAGED.items():
-        try:
-            resolve(name)
-            ok = "yes"
-        except ModelNotFoundError:
-            ok = "no"
-        table.add_row(name, pm.description, ok, pm.install)
+        table.add_row(name, pm.description, "yes" if is_installed(name) else "no", pm.install)
     Console().print(table)
     return 0
 
@@ -244,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max tree nodes per verify, root included, or 'auto' (size each tree from the "
                         "calibrated verify cost, see `paratree calibrate`)")
     g.add_argument("--head", default=None, help="trained draft head directory (default: the one shipped for the model)")
+    g.add_argument("--draft-model", default=None,
+                   help="draft-model drafter: packaged name, HF dir or .gguf of a small LM with the target's tokenizer")
+    g.add_argument("--draft-depth", type=int, default=5, help="draft-model: tokens drafted per round")
+    g.add_argument("--draft-width", type=int, default=1,
+                   help="draft-model: candidates per depth (1 = chain; k > 1 adds k-1 sibling leaves per depth)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="benchmark decoding methods on eval sets: τ, tokens/s, speedup vs plain")
     bn.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")
-    bn.add_argument("--dtype", default="bf16", help="bf16 (default), fp32, fp64")
+    bn.add_argument("--dtype", default="auto", help="auto (default), bf16, fp32, fp64")
     bn.add_argument("--dataset", default="gsm8k",
                     help="gsm8k, humaneval, mt_bench or a .jsonl file; comma-separated list allowed")
     bn.add_argument("--methods", default=None,
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="measure verify latency vs tree size; store the profile for --budget auto")
     c.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")
-    c.add_argument("--dtype", default="bf16", help="bf16 (default), fp32, fp64")
+    c.add_argument("--dtype", default="auto", help="auto (default), bf16, fp32, fp64")
     c.add_argument("--max-nodes", type=int, default=256)
     c.add_argument("--sizes", default=None, help="comma-separated tree sizes (default 1,2,4,…,192,256)")
     c.add_argument("--past-len", type=int, default=256, help="cached tokens before the tree (default 256)")
@@ -332,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     from .models.runner import ContextOverflowError
 
     try:
+        if isinstance(getattr(args, "dtype", None), str):
+            from .models.loader import dtype_name
+
+            args.dtype = dtype_name(args.dtype)  # 'auto' -> what this machine runs fastest
         return args.func(args)
     except (ModelNotFoundError, UnsupportedModelError, ContextOverflowError, ValueError) as e:
         print(f"paratree: error: {e}", file=sys.stderr)

@@ -136,7 +136,7 @@ class BenchConfig:
     budgets: list[int | str] | None = None
     temperature: float = 0.0
     repeats: int = 3
-    dtype: str = "bf16"
+    dtype: str = "auto"
     chat: bool = True
     assistant: str | None = None
     json_out: str | None = None
@@ -246,10 +246,11 @@ class Bench:
     def __init__(self, cfg: BenchConfig, console=None):
         from rich.console import Console
 
-        from ..models.loader import load_model
+        from ..models.loader import dtype_name, load_model
 
         self.cfg = cfg
         self.console = console or Console(stderr=True)
+        cfg.dtype = dtype_name(cfg.dtype)
         self.lm = load_model(cfg.model, cfg.dtype)
         self.dtype = self.lm.model.embed.weight.dtype
         self._hf = None

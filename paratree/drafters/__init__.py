@@ -16,7 +16,7 @@ HEAD_DRAFTERS = {
     "dflash": ("dflash", False, False),
     "ddtree": ("dflash", True, False),
 }
-DRAFTERS = ("plain", "ngram", "ngram-chain", *HEAD_DRAFTERS)
+DRAFTERS = ("plain", "ngram", "ngram-chain", "draft-model", *HEAD_DRAFTERS)
 
 
 def shipped_head(model_name: str, family: str) -> Path | None:
@@ -33,6 +33,18 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         return NGramDrafter(tree=True, **options)
     if name == "ngram-chain":
         return NGramDrafter(tree=False, **options)
+    if name == "draft-model":
+        from ..models.loader import load_model
+        from .draft_model import DraftModelDrafter, check_same_tokenizer
+
+        spec = options.pop("draft_model", None)
+        if not spec:
+            raise ValueError("--drafter draft-model needs --draft-model NAME|PATH (a small LM with the target's "
+                             "tokenizer, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
+        draft_lm = load_model(spec, next(lm.model.parameters()).dtype)
+        check_same_tokenizer(lm, draft_lm)
+        return DraftModelDrafter(draft_lm, depth=options.pop("draft_depth", 5), width=options.pop("draft_width", 1),
+                                 vocab_size=lm.config.vocab_size, **options)
     if name in HEAD_DRAFTERS:
         import torch
 

@@ -34,7 +34,7 @@ class Pipeline:
         self.generator = Generator(self.runner, self.drafter, eos_ids=lm.eos_ids, budget=budget, method=method)
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "bf16", **kw) -> "Pipeline":
+    def load(cls, model: str | None = None, dtype: str = "auto", **kw) -> "Pipeline":
         return cls(load_model(model, dtype), **kw)
 
     @property

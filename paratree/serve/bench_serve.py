@@ -282,7 +282,7 @@ def write_section(path: Path, section: str) -> None:
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--levels", default="1,4,8,16", help="concurrent clients per level, comma-separated")
     p.add_argument("--modes", default="adaptive,off,latency", help=f"subset of {','.join(MODES)}")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of client load per level")

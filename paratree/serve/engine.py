@@ -78,7 +78,7 @@ class ServeEngine:
         return cost, f"{'measured now, stored in' if measured else 'loaded from'} {path}"
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "bf16", **kw) -> "ServeEngine":
+    def load(cls, model: str | None = None, dtype: str = "auto", **kw) -> "ServeEngine":
         return cls(load_model(model, dtype), **kw)
 
     # tokenizer access is serialised: HF fast tokenizers are not safe to mutate and use concurrently

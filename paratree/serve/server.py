@@ -7,7 +7,7 @@ import socket
 import sys
 
 
-def serve(model: str | None = None, dtype: str = "bf16", host: str = "127.0.0.1", port: int = 8000,
+def serve(model: str | None = None, dtype: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_body_bytes: int = 1 << 20, log_level: str = "warning",
           threads: int | None = None, **engine_kw) -> int:
     import torch

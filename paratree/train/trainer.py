@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..drafters.heads.block import BlockDraftHead, BlockHeadConfig, tokenizer_fingerprint
-from ..models.loader import LoadedModel, load_model
+from ..models.loader import LoadedModel, cpu_has_native_bf16, load_model
 from .data import load_sequences
 from .losses import LOSSES, teacher_forced_tau
 
@@ -34,7 +34,7 @@ from .losses import LOSSES, teacher_forced_tau
 class TrainConfig:
     family: str = "jetspec"  # jetspec (block-causal, KL) | dflash (bidirectional, decayed CE)
     target: str | None = None  # model spec; None = the default model
-    target_dtype: str = "bf16"
+    target_dtype: str = "auto"
     data: str = "runs/data/smollm2_distill.jsonl"
     eval_fraction: float = 0.03
     num_layers: int = 2
@@ -60,7 +60,8 @@ class TrainConfig:
     log_every: int = 5
     output_dir: str = "runs/jetspec"
     device: str = "cpu"
-    autocast_bf16: bool = True  # head matmuls in bf16 (fp32 master weights): ~6x faster on AVX-512-bf16 CPUs
+    autocast_bf16: bool = True  # head matmuls in bf16 (fp32 master weights): ~6x faster on bf16-native CPUs,
+    # ignored (fp32) on CPUs that only emulate bf16, where it would be ~2x slower
     cache_features: bool = True  # keep target states in RAM across epochs (~4.6 KB/token for 3 taps at H=576)
 
     @classmethod
@@ -195,6 +196,7 @@ class Trainer:
         self.progress = progress and self.rank == 0
         torch.manual_seed(cfg.seed)
         self.lm = lm or load_model(cfg.target, cfg.target_dtype)
+        self._autocast = cfg.autocast_bf16 and cfg.device == "cpu" and cpu_has_native_bf16()
         seqs = sequences if sequences is not None else load_sequences(cfg.data)
         rng = random.Random(cfg.seed)
         order = list(range(len(seqs)))
@@ -266,7 +268,7 @@ class Trainer:
         d = self.cfg.block_size - 1
         idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(d).view(1, -1)).clamp(max=len(seq["ids"]) - 1)
         target = tlogits[idx]  # row i (depth i+1) is predicted by the target at position anchor + i
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16 and self.cfg.device == "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast):
             draft = head_logits(self.head, self.lm, taps, anchors, toks, self.embed_w, self.lm_w)
         fn = LOSSES[self.cfg.loss]
         if self.cfg.loss == "kl":
