@@ -179,9 +179,15 @@ def parse_heads(values: list[str] | None) -> dict[str, str] | None:
     return out
 
 
-def build_drafter(name: str, lm, heads: dict[str, str] | None = None):
-    """make_drafter, with a head directory from `heads` when one is given for this drafter or its family."""
+def build_drafter(name: str, lm, heads: dict[str, str] | None = None, assistant: str | None = None):
+    """make_drafter, with a head directory from `heads` when one is given for this drafter or its family,
+    and `assistant` (the hf-assisted draft model) as the draft-model drafter's model: same draft, same run."""
     from .. import drafters
+
+    if name == "draft-model":
+        if not assistant:
+            raise ValueError("draft-model needs a draft model: give it with --assistant MODEL")
+        return drafters.make_drafter(name, lm, draft_model=assistant)
 
     if heads and name != "plain":
         family = (getattr(drafters, "HEAD_DRAFTERS", {}).get(name) or (None,))[0]
@@ -309,7 +315,7 @@ class Bench:
         from ..engine.generate import Generator
 
         runner = self.runner(need)
-        drafter = build_drafter(spec.drafter, self.lm, self.cfg.heads)
+        drafter = build_drafter(spec.drafter, self.lm, self.cfg.heads, self.cfg.assistant)
         sizer, budget = None, spec.budget
         if spec.budget == "auto":
             from ..engine.sizing import AutoSizer, load_profile, profile_path
@@ -476,12 +482,12 @@ def environment(cfg: BenchConfig, lm) -> dict:
     }
 
 
-def probe_drafters(specs: list[MethodSpec], lm, notes: list[str], heads=None) -> list[MethodSpec]:
+def probe_drafters(specs: list[MethodSpec], lm, notes: list[str], heads=None, assistant=None) -> list[MethodSpec]:
     """Drop paratree drafters that cannot be built for this model (e.g. no trained head), one note each."""
     bad: dict[str, str] = {}
     for name in dict.fromkeys(s.drafter for s in specs if s.kind == "paratree" and s.drafter != "plain"):
         try:
-            build_drafter(name, lm, heads)
+            build_drafter(name, lm, heads, assistant)
         except Exception as e:
             bad[name] = f"{type(e).__name__}: {e}"
     for name, why in bad.items():
@@ -518,7 +524,7 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     bench = Bench(cfg, console)
     lm = bench.lm
     result = BenchResult(notes=notes, meta=environment(cfg, lm))
-    specs = probe_drafters(specs, lm, result.notes, cfg.heads)
+    specs = probe_drafters(specs, lm, result.notes, cfg.heads, cfg.assistant)
     ids_by_ds = {}
     max_budget = max([b for b in cfg.budgets if isinstance(b, int)] + [256])
     for ds, ps in prompts_by_ds.items():

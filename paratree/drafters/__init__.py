@@ -19,6 +19,9 @@ HEAD_DRAFTERS = {
 DRAFTERS = ("plain", "ngram", "ngram-chain", "draft-model", *HEAD_DRAFTERS)
 
 
+_DRAFT_LMS: dict = {}
+
+
 def shipped_head(model_name: str, family: str) -> Path | None:
     """The head shipped in the package for a packaged model, if any."""
     p = HEADS_DIR / model_name / family
@@ -41,7 +44,11 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         if not spec:
             raise ValueError("--drafter draft-model needs --draft-model NAME|PATH (a small LM with the target's "
                              "tokenizer, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
-        draft_lm = load_model(spec, next(lm.model.parameters()).dtype)
+        dtype = next(lm.model.parameters()).dtype
+        key = (str(spec), dtype)
+        if key not in _DRAFT_LMS:  # one load per process (bench builds the drafter for every budget)
+            _DRAFT_LMS[key] = load_model(spec, dtype)
+        draft_lm = _DRAFT_LMS[key]
         check_same_tokenizer(lm, draft_lm)
         return DraftModelDrafter(draft_lm, depth=options.pop("draft_depth", 5), width=options.pop("draft_width", 1),
                                  vocab_size=lm.config.vocab_size, **options)

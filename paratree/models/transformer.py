@@ -106,7 +106,8 @@ class Transformer(nn.Module):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin for (B, T) positions, shaped (B, 1, T, head_dim); tables built in fp64."""
         need = int(positions.max()) + 1
-        if self._rope_cache is None or self._rope_cache[0].shape[0] < need or self._rope_cache[0].dtype != dtype:
+        c = self._rope_cache
+        if c is None or c[0].shape[0] < need or c[0].dtype != dtype or c[0].device != positions.device:
             n = max(need, self.cfg.max_position, 1)
             hd = self.cfg.head_dim
             inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
@@ -114,7 +115,8 @@ class Transformer(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
             half = hd // 2
             sign = torch.cat([-torch.ones(half, dtype=torch.float64), torch.ones(half, dtype=torch.float64)])
-            self._rope_cache = (emb.cos().to(dtype), (emb.sin() * sign).to(dtype))
+            dev = positions.device
+            self._rope_cache = (emb.cos().to(dev, dtype), (emb.sin() * sign).to(dev, dtype))
         cos, sin = self._rope_cache
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 

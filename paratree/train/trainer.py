@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..drafters.heads.block import BlockDraftHead, BlockHeadConfig, tokenizer_fingerprint
-from ..models.loader import LoadedModel, cpu_has_native_bf16, load_model
+from ..models.loader import LoadedModel, auto_dtype, cpu_has_native_bf16, load_model
 from .data import load_sequences
 from .losses import LOSSES, teacher_forced_tau
 
@@ -112,13 +112,15 @@ def target_states(lm: LoadedModel, ids: list[int], taps: tuple[int, ...]) -> tor
     """
     m, cfg = lm.model, lm.config
     t = len(ids)
-    dt = next(m.parameters()).dtype
-    k = torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, t, cfg.head_dim, dtype=dt)
+    w = next(m.parameters())
+    dev = w.device
+    k = torch.zeros(cfg.num_layers, 1, cfg.num_kv_heads, t, cfg.head_dim, dtype=w.dtype, device=dev)
     v = torch.zeros_like(k)
-    pos = torch.arange(t).view(1, t)
-    mask = torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
+    pos = torch.arange(t, device=dev).view(1, t)
+    mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril().view(1, 1, t, t)
     layers = tuple(sorted(set(taps) | {cfg.num_layers - 1}))
-    _, tapped = m(torch.tensor([ids]), pos, k, v, t, mask=mask, taps=layers, logits_rows=torch.tensor([t - 1]))
+    _, tapped = m(torch.tensor([ids], device=dev), pos, k, v, t, mask=mask, taps=layers,
+                  logits_rows=torch.tensor([t - 1], device=dev))
     h = cfg.hidden_size
     by_layer = dict(zip(layers, tapped[0].split(h, dim=-1)))
     return torch.cat([by_layer[i] for i in taps] + [by_layer[cfg.num_layers - 1]], dim=-1)
@@ -172,13 +174,14 @@ def head_logits(head: BlockDraftHead, lm: LoadedModel, taps: torch.Tensor, ancho
     a_n, bs = block_tokens.shape
     t = taps.shape[0]
     ctx = head.fuse(taps.unsqueeze(0))
-    kv = head.context_kv(ctx, torch.arange(t).unsqueeze(0))
+    kv = head.context_kv(ctx, torch.arange(t, device=taps.device).unsqueeze(0))
     is_mask = block_tokens < 0
     emb = F.embedding(block_tokens.clamp_min(0), embed_w).to(ctx.dtype)
     x = torch.where(is_mask.unsqueeze(-1), head.mask_emb.to(ctx.dtype), emb).view(1, a_n * bs, -1)
-    anchor_t = torch.tensor(anchors)
-    pos = (anchor_t.view(-1, 1) + torch.arange(bs).view(1, -1)).view(1, -1)
-    ctx_visible = torch.arange(t).view(1, -1) < anchor_t.view(-1, 1)
+    dev = taps.device
+    anchor_t = torch.tensor(anchors, device=dev)
+    pos = (anchor_t.view(-1, 1) + torch.arange(bs, device=dev).view(1, -1)).view(1, -1)
+    ctx_visible = torch.arange(t, device=dev).view(1, -1) < anchor_t.view(-1, 1)
     mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
     h = head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)[:, 1:]
     return F.linear(h, lm_w.to(h.dtype))
@@ -195,8 +198,15 @@ class Trainer:
             dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
         self.progress = progress and self.rank == 0
         torch.manual_seed(cfg.seed)
-        self.lm = lm or load_model(cfg.target, cfg.target_dtype)
-        self._autocast = cfg.autocast_bf16 and cfg.device == "cpu" and cpu_has_native_bf16()
+        self.device = torch.device(cfg.device)
+        on_cpu = self.device.type == "cpu"
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device '{cfg.device}' asked for, but torch sees no CUDA GPU")
+        dtype = cfg.target_dtype if cfg.target_dtype != "auto" else auto_dtype(cfg.device)
+        self.lm = lm or load_model(cfg.target, dtype, pack=on_cpu)
+        self.lm.model.to(self.device)
+        # Head matmuls in bf16 autocast where that is fast: GPUs and bf16-native CPUs.
+        self._autocast = cfg.autocast_bf16 and (not on_cpu or cpu_has_native_bf16())
         seqs = sequences if sequences is not None else load_sequences(cfg.data)
         rng = random.Random(cfg.seed)
         order = list(range(len(seqs)))
@@ -213,6 +223,7 @@ class Trainer:
         hcfg.causal = cfg.family == "jetspec"
         self.head = BlockDraftHead(hcfg)
         self._init_weights()
+        self.head.to(self.device)
         self.embed_w = self.lm.model.embed.weight.detach()
         self.lm_w = self.lm.model.lm_head.weight.detach()
         params = [p for p in self.head.parameters() if p.requires_grad]
@@ -267,8 +278,9 @@ class Trainer:
         taps, tlogits = target_features(self.lm, self._states(seq))
         d = self.cfg.block_size - 1
         idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(d).view(1, -1)).clamp(max=len(seq["ids"]) - 1)
-        target = tlogits[idx]  # row i (depth i+1) is predicted by the target at position anchor + i
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._autocast):
+        target = tlogits[idx.to(tlogits.device)]  # row i (depth i+1) is predicted by the target at position anchor + i
+        toks, sup = toks.to(self.device), sup.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             draft = head_logits(self.head, self.lm, taps, anchors, toks, self.embed_w, self.lm_w)
         fn = LOSSES[self.cfg.loss]
         if self.cfg.loss == "kl":
@@ -283,7 +295,7 @@ class Trainer:
         items = self._step_sequences(self.step)
         prepared = [(seq, *self._prepare(key, seq)) for key, seq in items]
         # Every rank prepares every item (cheap), so `rows` is already the global count.
-        rows = torch.tensor(float(sum(float(p[3].sum()) for p in prepared)))
+        rows = float(sum(float(p[3].sum()) for p in prepared))
         mine = prepared[self.rank :: self.world]
         self.head.train()
         self.opt.zero_grad(set_to_none=False)
@@ -292,11 +304,11 @@ class Trainer:
             if not anchors:
                 continue
             loss, draft, target, _ = self._loss_sum(seq, anchors, toks, sup)
-            (loss / rows.clamp_min(1.0)).backward()
+            (loss / max(rows, 1.0)).backward()
             total += float(loss.detach())
             tau_sum += teacher_forced_tau(draft, target, sup) * len(anchors)
             n_tok += len(seq["ids"])
-        stats = torch.tensor([total, tau_sum, float(sum(len(p[1]) for p in mine)), float(n_tok)])
+        stats = torch.tensor([total, tau_sum, float(sum(len(p[1]) for p in mine)), float(n_tok)], device=self.device)
         if self.world > 1:
             for p in self.head.parameters():
                 if p.grad is not None:

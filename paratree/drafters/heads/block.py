@@ -145,13 +145,14 @@ class BlockDraftHead(nn.Module):
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos/sin (…, T, hd) for integer positions (any leading shape)."""
         need = int(positions.max()) + 1
-        if self._rope is None or self._rope[0].shape[0] < need or self._rope[0].dtype != dtype:
+        r = self._rope
+        if r is None or r[0].shape[0] < need or r[0].dtype != dtype or r[0].device != positions.device:
             n = max(need, 4096)
             hd = self.cfg.head_dim
             inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
             f = torch.outer(torch.arange(n, dtype=torch.float64), inv)
             emb = torch.cat((f, f), dim=-1)
-            self._rope = (emb.cos().to(dtype), emb.sin().to(dtype))
+            self._rope = (emb.cos().to(positions.device, dtype), emb.sin().to(positions.device, dtype))
         return self._rope[0][positions], self._rope[1][positions]
 
     def fuse(self, taps: torch.Tensor) -> torch.Tensor:
@@ -181,7 +182,7 @@ class BlockDraftHead(nn.Module):
     def block_mask(self, n_blocks: int, ctx_visible: torch.Tensor) -> torch.Tensor:
         """(n_blocks*B, S + n_blocks*B) bool mask: context visibility per block + in-block pattern."""
         bs = self.cfg.block_size
-        inner = torch.ones(bs, bs, dtype=torch.bool)
+        inner = torch.ones(bs, bs, dtype=torch.bool, device=ctx_visible.device)
         if self.cfg.causal:
             inner = inner.tril()
         same = torch.block_diag(*([inner] * n_blocks)) if n_blocks > 1 else inner
@@ -194,7 +195,7 @@ class BlockDraftHead(nn.Module):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
         save_file(sd, str(out / "head.safetensors"))
         (out / "head_config.json").write_text(self.cfg.to_json())
         for name, text in (extra_files or {}).items():
