@@ -207,6 +207,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_card(args) -> int:
+    from .train.card import write_model_card
+
+    rows, bench_cmd = None, ""
+    if args.bench_json:
+        data = json.loads(open(args.bench_json).read())
+        rows = data["rows"] if isinstance(data, dict) else data
+        rows = [r for r in rows if r.get("method", "").split("@")[0] in (args.methods or "").split(",")] \
+            if args.methods else rows
+        bench_cmd = args.bench_command or (data.get("command", "") if isinstance(data, dict) else "")
+    out = write_model_card(args.head, args.train_command, args.data_command, rows, bench_cmd, args.notes or "")
+    print(out)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve.server import serve
 
@@ -308,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); profiles are kept per thread count")
     bn.set_defaults(func=cmd_bench)
+
+    mc = sub.add_parser("card", help="write MODEL_CARD.md for a trained head from its run records and a bench JSON")
+    mc.add_argument("--head", required=True, help="head directory (head.safetensors, head_config.json, train_summary.json)")
+    mc.add_argument("--train-command", required=True)
+    mc.add_argument("--data-command", required=True)
+    mc.add_argument("--bench-json", default=None, help="`paratree bench --json` output")
+    mc.add_argument("--bench-command", default=None)
+    mc.add_argument("--methods", default=None, help="only these drafters' rows (comma-separated names)")
+    mc.add_argument("--notes", default=None)
+    mc.set_defaults(func=cmd_card)
 
     c = sub.add_parser("calibrate", help="measure verify latency vs tree size; store the profile for --budget auto")
     c.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")

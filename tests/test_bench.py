@@ -323,3 +323,17 @@ def test_sampling_bench_reports_no_greedy_mismatch(tiny, cache):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_draft_model_and_hf_assisted_share_the_assistant(tiny, cache, tmp_path):
+    """--assistant feeds both hf-assisted and paratree's draft-model drafter: same draft, same run."""
+    cfg = BenchConfig(datasets=["gsm8k"], model=tiny, dtype="fp32", quick=True, assistant=tiny,
+                      methods=["plain", "hf-assisted", "draft-model@8"], progress=False,
+                      json_out=str(tmp_path / "rows.json"))
+    err, std = _consoles()
+    res = run_bench(cfg, console=err, out_console=std)
+    rows = {r["method"]: r for r in res.rows}
+    assert set(rows) == {"plain", "hf-assisted", "draft-model@8"}, res.notes
+    dm = rows["draft-model@8"]
+    assert dm["greedy_mismatches"] == 0 and dm["tau"] > 3.0  # the draft is the target itself
+    assert rows["hf-assisted"]["greedy_mismatches"] == 0

@@ -47,9 +47,13 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         lines += ["## Measured (greedy, prompts the head never saw)", "", f"```\n{bench_command}\n```", "",
                   "| dataset | method | τ (tokens per verify, bonus incl.) | tokens/s | speedup vs plain | greedy mismatches |",
                   "|---|---|---:|---:|---:|---:|"]
+        def f(v, spec):
+            return "-" if v is None else format(v, spec)
+
         for r in bench_rows:
-            lines.append(f"| {r['dataset']} | {r['method']} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} | "
-                         f"{r['speedup']:.2f}x | {r['greedy_mismatches']} |")
+            lines.append(f"| {r['dataset']} | {r['method']} | {f(r.get('tau'), '.2f')} | "
+                         f"{f(r.get('tokens_per_s'), '.1f')} | {f(r.get('speedup'), '.2f')}x | "
+                         f"{f(r.get('greedy_mismatches'), '')} |")
         lines.append("")
     if notes:
         lines += ["## Notes", "", notes, ""]
