@@ -63,6 +63,12 @@ def cmd_generate(args) -> int:
 
     params = _sampling(args)
     budget = parse_budget(args.budget)
+    if args.drafter is None:  # a given head is a JetSpec head; packaged models may ship one
+        from .drafters import default_drafter
+        from .models.loader import DEFAULT_MODEL, PACKAGED
+
+        spec = args.model or DEFAULT_MODEL
+        args.drafter = "jetspec" if args.head else default_drafter(spec) if spec in PACKAGED else "ngram"
     opts = {"head_path": args.head} if args.head else {}
     if args.drafter == "draft-model":
         opts.update(draft_model=args.draft_model, draft_depth=args.draft_depth, draft_width=args.draft_width)
@@ -252,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     _add_model_args(g)
     _add_sampling_args(g)
-    g.add_argument("--drafter", default="ngram", choices=DRAFTERS)
+    g.add_argument("--drafter", default=None, choices=DRAFTERS,
+                   help="default: the model's shipped JetSpec head if it has one, else ngram (prompt lookup)")
     g.add_argument("--budget", default="32",
                    help="max tree nodes per verify, root included, or 'auto' (size each tree from the "
                         "calibrated verify cost, see `paratree calibrate`)")

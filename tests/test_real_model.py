@@ -148,3 +148,30 @@ def test_speculative_sampling_matches_plain_distribution_on_default_model(prompt
     p_value = chi2.sf(g, df=max(1, len(obs) - 1))
     print(f"\nG={g:.2f} over {len(obs)} cells, p={p_value:.3f}")
     assert p_value > 0.001
+
+
+@pytest.mark.slow
+def test_shipped_jetspec_head_is_lossless_and_accepted_on_gsm8k_test():
+    """The head that ships for the default model: fp32 greedy == plain on unseen GSM8K test prompts."""
+    from paratree.drafters import default_drafter, make_drafter, shipped_head
+
+    assert shipped_head("smollm2-135m", "jetspec") is not None, "no JetSpec head ships for the default model"
+    assert default_drafter("smollm2-135m") == "jetspec"
+    lm = load_model(None, "fp32")
+    runner = TargetRunner(lm.model, max_len=1024)
+    gen = Generator(runner, make_drafter("jetspec", lm), eos_ids=lm.eos_ids, budget=16)
+    identical, rounds, total = 0, 0, 0
+    prompts = load_prompts("gsm8k", 8)
+    for p in prompts:
+        ids = encode_prompt(lm.tokenizer, p)
+        ref, gaps = _plain_with_gaps(runner, ids, N_NEW, lm.eos_ids)
+        res = gen.generate(ids, N_NEW)
+        rounds, total = rounds + res.rounds, total + res.num_new_tokens
+        if res.token_ids == ref:
+            identical += 1
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(res.token_ids, ref)) if a != b)
+        assert gaps[k][0] < TIE_GAP["fp32"](gaps[k][1]), f"divergence at step {k}: not a near-tie"
+    print(f"\n[jetspec fp32] {identical}/{len(prompts)} identical, tau {total / rounds:.2f}")
+    assert identical >= len(prompts) - 1
+    assert total / rounds > 1.8  # the trained head's drafts really are accepted

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from paratree.serve.bench_serve import ServerProcess
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -59,71 +58,31 @@ def _rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-class Server:
-    """A `python -m paratree serve` subprocess on a free port (the server reports the port it bound)."""
+class Server(ServerProcess):
+    """The package's own server subprocess, plus an OpenAI client and parsed /metrics."""
 
     def __init__(self, *args: str, key: str | None = None):
-        self.key = key
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "paratree", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-        if key:
-            cmd += ["--api-key", key]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._got_port = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if m:
-                self.port = int(m.group(1))
-                self._got_port.set()
-        self._got_port.set()
+        super().__init__(list(args), key=key)
 
     def wait_ready(self, timeout: float = 240.0) -> "Server":
-        deadline = time.monotonic() + timeout
-        self._got_port.wait(timeout)
-        assert self.port is not None, "server did not start:\n" + "".join(self.lines[-30:])
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", headers=headers, timeout=5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, "server exited:\n" + "".join(self.lines[-30:])
-            time.sleep(0.3)
-        raise AssertionError("server not healthy in time")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        try:
+            self.wait(timeout)
+        except RuntimeError as e:
+            raise AssertionError(str(e)) from None
+        return self
 
     def client(self, **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key or "unused", max_retries=0,
                              timeout=kw.pop("timeout", 120), **kw)
 
     def metrics(self) -> dict[str, float]:
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, value = line.rsplit(" ", 1)
                 out[name] = float(value)
         return out
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def make_tiny_with_default_tokenizer(out: Path) -> Path:

@@ -28,6 +28,11 @@ def shipped_head(model_name: str, family: str) -> Path | None:
     return p if (p / "head_config.json").is_file() else None
 
 
+def default_drafter(model_name: str) -> str:
+    """The best drafter this model has: its shipped JetSpec head, else prompt lookup (training-free)."""
+    return "jetspec" if shipped_head(model_name, "jetspec") else "ngram"
+
+
 def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 8, **options) -> Drafter:
     """Build the drafter called `name` for the loaded target `lm`."""
     if name == "plain":
@@ -53,8 +58,6 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         return DraftModelDrafter(draft_lm, depth=options.pop("draft_depth", 5), width=options.pop("draft_width", 1),
                                  vocab_size=lm.config.vocab_size, **options)
     if name in HEAD_DRAFTERS:
-        import torch
-
         from .block_drafter import BlockHeadDrafter
         from .heads.block import BlockDraftHead
 
@@ -72,4 +75,4 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
     raise ValueError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
 
 
-__all__ = ["Drafter", "NoDrafter", "NGramDrafter", "make_drafter", "DRAFTERS", "HEAD_DRAFTERS"]
+__all__ = ["Drafter", "NoDrafter", "NGramDrafter", "make_drafter", "default_drafter", "DRAFTERS", "HEAD_DRAFTERS"]

@@ -53,8 +53,13 @@ def bench_prompts(limit: int) -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str]):
+    """A `python -m paratree serve` subprocess on a free port (the server prints the port it bound)."""
+
+    def __init__(self, args: list[str], key: str | None = None):
+        self.key = key
         cmd = [sys.executable, "-m", "paratree", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        if key:
+            cmd += ["--api-key", key]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.port: int | None = None
@@ -71,22 +76,31 @@ class ServerProcess:
                 self._ready.set()
         self._ready.set()
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
     def wait(self, timeout: float = 600.0) -> str:
         import httpx
 
+        deadline = time.monotonic() + timeout
         self._ready.wait(timeout)
         if self.port is None:
-            raise RuntimeError("server failed to start:\n" + "".join(self.lines[-20:]))
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + timeout
+            raise RuntimeError("server failed to start:\n" + "".join(self.lines[-30:]))
         while time.monotonic() < deadline:
             try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    return url
+                if httpx.get(self.url + "/health", headers=self.headers, timeout=5).status_code == 200:
+                    return self.url
             except httpx.HTTPError:
                 pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + "".join(self.lines[-30:]))
             time.sleep(0.3)
-        raise RuntimeError("server not healthy")
+        raise RuntimeError("server not healthy in time")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -95,6 +109,7 @@ class ServerProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
 
 
 async def _one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
