@@ -5,7 +5,8 @@ Two server subprocesses, started once per module and in parallel:
   (vocab 49152): outputs compared token-for-token with the single-stream Pipeline on the same
   checkpoint, sequential and 8 concurrent, plus streaming, stop strings, seeds, bad input,
   disconnects and the queue bound. Tiny keeps this fast on 2 cores.
-- bf16 on the real default model with bearer auth: auth, and a bounded 16-client streaming
+- the real default model in its default dtype (`auto`: bf16 where the CPU has native bf16, else fp32)
+  with bearer auth: auth, and a bounded 16-client streaming
   load test with an RSS drift check.
 Set PARATREE_SERVE_REAL_FP32=1 to also compare an fp32 real-model server with the Pipeline.
 """
@@ -130,7 +131,7 @@ def servers(tiny_dir, tmp_path_factory):
     # one thread: a tiny model gains nothing from two, and loses a lot when the cores are shared
     fp32 = Server("--model", str(tiny_dir), "--dtype", "fp32", "--max-batch", "8", "--max-queue", "8",
                   "--max-model-len", "2048", "--cost-model", str(cost), "--threads", "1")
-    bf16 = Server("--dtype", "bf16", "--max-batch", "16", "--max-queue", "64", "--max-model-len", "1024",
+    bf16 = Server("--dtype", "auto", "--max-batch", "16", "--max-queue", "64", "--max-model-len", "1024",
                   "--cost-model", str(flat), key=API_KEY)
     try:
         yield {"fp32": fp32, "bf16": bf16}
