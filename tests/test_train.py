@@ -119,15 +119,23 @@ def test_head_for_another_target_is_refused(tiny_ckpts, tiny_lm, seqs, tmp_path)
     head.check_target(tiny_lm.config)  # its own target is fine
 
 
-@pytest.mark.parametrize("family,tree,pc", [("jetspec", True, False), ("jetspec", True, True),
-                                            ("jetspec", False, False), ("dflash", True, False)])
-def test_block_head_drafting_is_lossless(tiny_ckpts, seqs, tmp_path, family, tree, pc):
+@pytest.mark.parametrize("family,tree,pc,dv", [("jetspec", True, False, 0), ("jetspec", True, True, 0),
+                                               ("jetspec", False, False, 0), ("dflash", True, False, 0),
+                                               ("jetspec", True, True, 40)])
+def test_block_head_drafting_is_lossless(tiny_ckpts, seqs, tmp_path, family, tree, pc, dv):
     lm64 = load_model(str(tiny_ckpts["llama"]), "fp64", tokenizer=False)
     lm32 = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False)
     tr = Trainer(_cfg(tmp_path, family=family, loss="kl" if family == "jetspec" else "ce_decay", max_steps=30,
-                      checkpoint_every=0, unmask_prob=0.5 if pc else 0.0), lm=lm32, sequences=seqs, progress=False)
+                      checkpoint_every=0, unmask_prob=0.5 if pc else 0.0, draft_vocab=dv), lm=lm32, sequences=seqs,
+                 progress=False)
     tr.fit()
     head = BlockDraftHead.load(tmp_path / "head", dtype=torch.float64)
+    if dv:  # the draft vocab: the dv most frequent response tokens, saved as exact integer ids
+        assert head.d2t.dtype == torch.long and torch.equal(head.d2t, tr.head.d2t.cpu())
+        assert head.d2t.numel() == dv and head.d2t.unique().numel() == dv
+        from collections import Counter
+        counts = Counter(t for q in tr.train_seqs for t in q["ids"][q["prompt_len"]:])
+        assert set(head.d2t.tolist()) >= {t for t, _ in counts.most_common(dv // 2)}
     runner = TargetRunner(lm64.model, max_len=128)
     drafter = BlockHeadDrafter(head, lm64.model.embed, lm64.model.lm_head, name=family, tree=tree, width=3,
                                path_conditioned=pc)
@@ -138,6 +146,9 @@ def test_block_head_drafting_is_lossless(tiny_ckpts, seqs, tmp_path, family, tre
         res = Generator(runner, drafter, budget=12).generate(prompt, 40)
         assert res.token_ids == ref
         accepted += sum(res.accept_depths)
+        if dv:
+            drafted = drafter.propose(prompt, 12).tokens[1:].tolist()
+            assert drafted and set(drafted) <= set(head.d2t.tolist())
     assert accepted > 0  # the trained head's drafts were really accepted
 
 

@@ -69,7 +69,8 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         dtype = next(lm.model.parameters()).dtype
         head = BlockDraftHead.load(path, dtype=dtype)
         head.check_target(lm.config, lm.tokenizer)
-        lm_head = getattr(lm.model, "lm_head_packed", None) or lm.model.lm_head
+        lm_head = lm.model.lm_head if head.d2t is not None else (
+            getattr(lm.model, "lm_head_packed", None) or lm.model.lm_head)
         return BlockHeadDrafter(head, lm.model.embed, lm_head, name=name, tree=tree, width=width,
                                 path_conditioned=conditioned, **options)
     raise ValueError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")

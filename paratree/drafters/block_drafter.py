@@ -24,6 +24,12 @@ class BlockHeadDrafter:
         self.path_conditioned = path_conditioned
         self.tap_layers = tuple(head.cfg.tap_layers)
         self.dtype = next(head.parameters()).dtype
+        # Reduced draft vocab: project onto those rows of the target LM head only, and map the
+        # drafted indices back to target ids (d2t) before anything leaves the drafter.
+        self.d2t = head.d2t
+        if self.d2t is not None:
+            w = head.lm_weight(lm_head.weight.detach()).contiguous()
+            self.lm_head = lambda h: torch.nn.functional.linear(h, w)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ctx_len = 0
 
@@ -101,6 +107,12 @@ class BlockHeadDrafter:
         h = self.head.forward_blocks(x, pos, kv, mask)
         return self.lm_head(h[0, n:].to(self.embed.weight.dtype)).float()
 
+    def _to_target(self, tree: DraftTree) -> DraftTree:
+        """Draft-vocab indices of the non-root nodes -> target token ids."""
+        if self.d2t is not None and tree.num_nodes > 1:
+            tree.tokens = torch.cat([tree.tokens[:1], self.d2t[tree.tokens[1:]]])
+        return tree
+
     def propose(self, tokens: list[int], budget: int) -> DraftTree:
         root = tokens[-1]
         logits = self.block_logits(root)
@@ -108,18 +120,20 @@ class BlockHeadDrafter:
         if not self.tree or budget <= self.max_depth + 1 and self.width == 1:
             chain = logp.argmax(-1)[: max(0, budget - 1)]
             lp = logp.gather(-1, chain.unsqueeze(-1)).squeeze(-1)
-            return build_chain(root, chain.tolist(), logps=lp, q=None)
+            return self._to_target(build_chain(root, chain.tolist(), logps=lp, q=None))
         tree = build_best_first(root, logp, budget=budget, max_depth=self.max_depth, width=self.width, keep_q=False)
+        tree = self._to_target(tree)
         if not self.path_conditioned or tree.num_nodes < 2:
             return tree
         # Refresh: rebuild best-first with each node's children drawn from its branch-conditioned
         # distribution; branches the first tree did not contain fall back to the per-depth marginal.
         cond = torch.log_softmax(self.conditioned_logits(tree), dim=-1)
         by_path = {tuple(tree.tokens[tree.path_to(i)[1:]].tolist()): i for i in range(tree.num_nodes)}
+        d2t = self.d2t.tolist() if self.d2t is not None else None
 
-        def path_dist(path: list[int]) -> torch.Tensor:
-            i = by_path.get(tuple(path))
+        def path_dist(path: list[int]) -> torch.Tensor:  # path in draft-vocab indices
+            i = by_path.get(tuple(path if d2t is None else (d2t[t] for t in path)))
             return cond[i] if i is not None else logp[len(path)]
 
-        return build_best_first(root, None, budget=budget, max_depth=self.max_depth, width=self.width,
-                                path_dist=path_dist, keep_q=False)
+        return self._to_target(build_best_first(root, None, budget=budget, max_depth=self.max_depth,
+                                                width=self.width, path_dist=path_dist, keep_q=False))

@@ -250,7 +250,7 @@ class LoadedModel:
     def eos_ids(self) -> set[int]:
         ids = set()
         tok = self.tokenizer
-        if tok.eos_token_id is not None:
+        if tok is not None and tok.eos_token_id is not None:
             ids.add(int(tok.eos_token_id))
         gen = self.path / "generation_config.json"
         if gen.is_file():

@@ -40,6 +40,7 @@ class TrainConfig:
     num_layers: int = 2
     block_size: int = 16
     num_taps: int = 3
+    draft_vocab: int = 0  # > 0: predict over the N most frequent response tokens only (EAGLE-3's d2t)
     loss: str = "kl"
     kl_temperature: float = 1.0
     gamma: float = 7.0
@@ -127,13 +128,26 @@ def target_states(lm: LoadedModel, ids: list[int], taps: tuple[int, ...]) -> tor
 
 
 @torch.no_grad()
-def target_features(lm: LoadedModel, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split cached states into head taps (T, k*H) and target logits (T, V)."""
+def target_features(lm: LoadedModel, states: torch.Tensor, rows: torch.Tensor, lm_w: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head taps (T, k*H) from cached states, and the target's logits at `rows` over lm_w's vocab."""
     h = lm.config.hidden_size
-    m = lm.model
-    head = getattr(m, "lm_head_packed", None) or m.lm_head
-    logits = head(m.norm(states[:, -h:]))
-    return states[:, :-h].float(), logits.float()
+    last = lm.model.norm(states[rows.to(states.device), -h:])
+    return states[:, :-h].float(), F.linear(last, lm_w.to(last.dtype)).float()
+
+
+def frequent_tokens(seqs: list[dict], n: int, always: set[int]) -> torch.Tensor:
+    """The n most frequent response tokens (ties by id: identical on every rank), plus `always`."""
+    from collections import Counter
+
+    counts = Counter(t for s in seqs for t in s["ids"][s["prompt_len"]:])
+    keep = list(dict.fromkeys(sorted(always)))
+    for tok, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(keep) >= n:
+            break
+        if tok not in always:
+            keep.append(tok)
+    return torch.tensor(sorted(keep[:n]), dtype=torch.long)
 
 
 def sample_anchors(n_tokens: int, prompt_len: int, n: int, gen: torch.Generator) -> list[int]:
@@ -219,13 +233,23 @@ class Trainer:
         hcfg = BlockHeadConfig.for_target(
             self.lm.config, family=cfg.family, num_taps=cfg.num_taps, num_layers=cfg.num_layers,
             block_size=cfg.block_size, target_name=self.lm.name,
-            tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer))
+            tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab)
         hcfg.causal = cfg.family == "jetspec"
         self.head = BlockDraftHead(hcfg)
         self._init_weights()
+        if cfg.draft_vocab:
+            if cfg.draft_vocab > self.lm.config.vocab_size:
+                raise ValueError(f"draft_vocab {cfg.draft_vocab} exceeds the target's vocab {self.lm.config.vocab_size}")
+            d2t = frequent_tokens(self.train_seqs, cfg.draft_vocab, self.lm.eos_ids)
+            if d2t.numel() < cfg.draft_vocab:  # the data has fewer distinct tokens: fill with the lowest ids
+                rest = [t for t in range(self.lm.config.vocab_size) if t not in set(d2t.tolist())]
+                d2t = torch.tensor(sorted(d2t.tolist() + rest[: cfg.draft_vocab - d2t.numel()]))
+            self.head.d2t.copy_(d2t)
         self.head.to(self.device)
         self.embed_w = self.lm.model.embed.weight.detach()
-        self.lm_w = self.lm.model.lm_head.weight.detach()
+        # Teacher and draft over the same vocab: with a draft vocab, the target's distribution
+        # renormalised on it (what a draft restricted to it can match at best).
+        self.lm_w = self.head.lm_weight(self.lm.model.lm_head.weight.detach())
         params = [p for p in self.head.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.steps_per_epoch = math.ceil(len(self.train_seqs) / cfg.seqs_per_step)
@@ -275,10 +299,11 @@ class Trainer:
         return self._cache[key]
 
     def _loss_sum(self, seq: dict, anchors, toks, sup):
-        taps, tlogits = target_features(self.lm, self._states(seq))
         d = self.cfg.block_size - 1
         idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(d).view(1, -1)).clamp(max=len(seq["ids"]) - 1)
-        target = tlogits[idx.to(tlogits.device)]  # row i (depth i+1) is predicted by the target at position anchor + i
+        # row i (depth i+1) is predicted by the target at position anchor + i
+        taps, target = target_features(self.lm, self._states(seq), idx.reshape(-1), self.lm_w)
+        target = target.view(*idx.shape, -1)
         toks, sup = toks.to(self.device), sup.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             draft = head_logits(self.head, self.lm, taps, anchors, toks, self.embed_w, self.lm_w)

@@ -47,6 +47,10 @@ class BlockHeadConfig:
     rope_theta: float = 100000.0
     target_name: str = ""
     tokenizer_hash: str = ""
+    # > 0: the head predicts over this many target tokens only (EAGLE-3's reduced draft vocab),
+    # stored as the `d2t` buffer (draft index -> target id). The LM-head product, the largest
+    # cost of both training and drafting, shrinks by vocab_size / draft_vocab.
+    draft_vocab: int = 0
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -139,7 +143,15 @@ class BlockDraftHead(nn.Module):
         self.mask_emb = nn.Parameter(torch.zeros(h))
         self.layers = nn.ModuleList(HeadLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(h, cfg.rms_eps)
+        if cfg.draft_vocab:
+            self.register_buffer("d2t", torch.arange(cfg.draft_vocab, dtype=torch.long))
+        else:
+            self.d2t = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lm_weight(self, target_lm_weight: torch.Tensor) -> torch.Tensor:
+        """The rows of the target's (frozen) LM head this head predicts over."""
+        return target_lm_weight if self.d2t is None else target_lm_weight[self.d2t]
 
     # -- pieces ------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -195,7 +207,8 @@ class BlockDraftHead(nn.Module):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+              for k, v in self.state_dict().items()}
         save_file(sd, str(out / "head.safetensors"))
         (out / "head_config.json").write_text(self.cfg.to_json())
         for name, text in (extra_files or {}).items():
@@ -209,7 +222,8 @@ class BlockDraftHead(nn.Module):
         if not (p / "head_config.json").is_file():
             raise ValueError(f"no draft head at '{path}' (expected head_config.json + head.safetensors)")
         head = cls(BlockHeadConfig.from_json((p / "head_config.json").read_text()))
-        head.load_state_dict({k: v.to(dtype) for k, v in load_file(str(p / "head.safetensors")).items()})
+        head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                              for k, v in load_file(str(p / "head.safetensors")).items()})
         return head.to(dtype)
 
     def check_target(self, tcfg: ModelConfig, tokenizer=None) -> None:
