@@ -15,6 +15,7 @@ HEAD_DRAFTERS = {
     "jetspec-chain": ("jetspec", False, False),
     "dflash": ("dflash", False, False),
     "ddtree": ("dflash", True, False),
+    "eagle": ("eagle", True, False),  # EAGLE-3-style AR head: chain + top-k siblings per depth
 }
 DRAFTERS = ("plain", "ngram", "ngram-chain", "draft-model", *HEAD_DRAFTERS)
 
@@ -60,6 +61,7 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
     if name in HEAD_DRAFTERS:
         from .block_drafter import BlockHeadDrafter
         from .heads.block import BlockDraftHead
+        from .heads.eagle import EagleHead
 
         family, tree, conditioned = HEAD_DRAFTERS[name]
         path = Path(head_path) if head_path else shipped_head(lm.name, family)
@@ -67,8 +69,16 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
             raise ValueError(f"no trained {family} head ships for model '{lm.name}': train one with "
                              f"`paratree train --config configs/{family}_smollm2.yaml` and pass --head DIR")
         dtype = next(lm.model.parameters()).dtype
-        head = BlockDraftHead.load(path, dtype=dtype)
+        found = BlockDraftHead.read_config(path).family
+        if found != family:
+            raise ValueError(f"'{path}' holds a {found} head; drafter '{name}' needs a {family} head")
+        head = (EagleHead if family == "eagle" else BlockDraftHead).load(path, dtype=dtype)
         head.check_target(lm.config, lm.tokenizer)
+        if family == "eagle":
+            from .eagle_drafter import EagleDrafter
+
+            return EagleDrafter(head, lm.model.embed, lm.model.lm_head.weight, name=name,
+                                width=min(width, 4), **options)
         lm_head = lm.model.lm_head if head.d2t is not None else (
             getattr(lm.model, "lm_head_packed", None) or lm.model.lm_head)
         return BlockHeadDrafter(head, lm.model.embed, lm_head, name=name, tree=tree, width=width,

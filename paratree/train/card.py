@@ -18,7 +18,9 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         "",
         f"- Architecture: {cfg['num_layers']} layer(s), hidden {cfg['target_hidden']}, block size {cfg['block_size']} "
         f"({cfg['block_size'] - 1} depths per pass), {'block-causal' if cfg['causal'] else 'bidirectional'} block "
-        f"attention, taps from target layers {cfg['tap_layers']}, shares the target's embedding and LM head.",
+        f"attention, taps from target layers {cfg['tap_layers']}, shares the target's embedding and LM head"
+        + (f" (predicts over a {cfg['draft_vocab']}-token draft vocab: the most frequent tokens of the "
+           f"training responses, mapped back to target ids)." if cfg.get("draft_vocab") else "."),
         f"- Parameters: {summary['head_params'] / 1e6:.2f} M; file: head.safetensors, bf16, {size_mb:.1f} MB.",
         f"- Loss: {tc['loss']}" + (f" (temperature {tc['kl_temperature']})" if tc["loss"] == "kl" else
                                   f" (gamma {tc['gamma']})" if tc["loss"] == "ce_decay" else "")

@@ -28,7 +28,7 @@ def decayed_ce(draft: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ga
     """Sum over valid rows of exp(-(d-1)/gamma) * CE(draft, argmax target) at depth d = 1..D."""
     labels = target.argmax(-1)
     ce = F.cross_entropy(draft.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
-    d = torch.arange(labels.shape[1], dtype=torch.float32)
+    d = torch.arange(labels.shape[1], dtype=torch.float32, device=labels.device)
     w = torch.exp(-d / gamma) if gamma > 0 else torch.ones_like(d)
     return (ce * w * mask).sum()
 
@@ -45,7 +45,8 @@ def teacher_forced_tau(draft: torch.Tensor, target: torch.Tensor, mask: torch.Te
     Per block: count leading depths where draft argmax == target argmax. A cheap,
     honest proxy tracked during training; the benchmark measures the real τ.
     """
-    match = (draft.argmax(-1) == target.argmax(-1)) & mask.bool()
+    keep = mask[:, 0] > 0  # rows drafted from the root (not prompt rows / un-masked-prefix blocks)
+    match = (draft[keep].argmax(-1) == target[keep].argmax(-1)) & mask[keep].bool()
     lead = match.long().cumprod(dim=1).sum(dim=1).float()
     return float(lead.mean() + 1.0) if lead.numel() else math.nan
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..drafters.heads.block import BlockDraftHead, BlockHeadConfig, tokenizer_fingerprint
+from ..drafters.heads.eagle import EagleHead, eagle_train_logits
 from ..models.loader import LoadedModel, auto_dtype, cpu_has_native_bf16, load_model
 from .data import load_sequences
 from .losses import LOSSES, teacher_forced_tau
@@ -32,7 +33,7 @@ from .losses import LOSSES, teacher_forced_tau
 
 @dataclass
 class TrainConfig:
-    family: str = "jetspec"  # jetspec (block-causal, KL) | dflash (bidirectional, decayed CE)
+    family: str = "jetspec"  # jetspec (block-causal, KL) | dflash (bidirectional, decayed CE) | eagle (AR, TTT)
     target: str | None = None  # model spec; None = the default model
     target_dtype: str = "auto"
     data: str = "runs/data/smollm2_distill.jsonl"
@@ -44,6 +45,7 @@ class TrainConfig:
     loss: str = "kl"
     kl_temperature: float = 1.0
     gamma: float = 7.0
+    ttt_decay: float = 0.8  # eagle: weight of training-time-test step j is ttt_decay ** (j - 1)
     unmask_prob: float = 0.0  # path-conditioned training: chance a block gets a real-token prefix
     lr: float = 6e-4
     weight_decay: float = 0.0
@@ -234,8 +236,10 @@ class Trainer:
             self.lm.config, family=cfg.family, num_taps=cfg.num_taps, num_layers=cfg.num_layers,
             block_size=cfg.block_size, target_name=self.lm.name,
             tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab)
-        hcfg.causal = cfg.family == "jetspec"
-        self.head = BlockDraftHead(hcfg)
+        hcfg.causal = cfg.family != "dflash"
+        if cfg.family not in ("jetspec", "dflash", "eagle"):
+            raise ValueError(f"unknown head family '{cfg.family}': choose from jetspec, dflash, eagle")
+        self.head = EagleHead(hcfg) if cfg.family == "eagle" else BlockDraftHead(hcfg)
         self._init_weights()
         if cfg.draft_vocab:
             if cfg.draft_vocab > self.lm.config.vocab_size:
@@ -283,10 +287,18 @@ class Trainer:
         idx = order[within * self.cfg.seqs_per_step : (within + 1) * self.cfg.seqs_per_step]
         return [(epoch * len(order) + i, self.train_seqs[i]) for i in idx]
 
-    def _prepare(self, key: int, seq: dict):
+    def _prepare(self, key: int, seq: dict, unmask_prob: float | None = None):
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + key)
-        anchors = sample_anchors(len(seq["ids"]), seq["prompt_len"], self.cfg.anchors_per_seq, gen)
-        toks, sup = build_blocks(seq["ids"], anchors, self.cfg.block_size - 1, self.cfg.unmask_prob, gen)
+        d, n = self.cfg.block_size - 1, len(seq["ids"])
+        if self.cfg.family == "eagle":  # every state t (reads x_{t+1}); step j predicts x_{t+j+1}
+            anchors = list(range(n - 1))
+            t = torch.arange(n - 1).view(-1, 1) + torch.arange(1, d + 1).view(1, -1)
+            valid = (t <= n - 2) & (t >= seq["prompt_len"] - 1)  # a response token exists to predict
+            decay = self.cfg.ttt_decay ** torch.arange(d, dtype=torch.float32)
+            return anchors, None, valid.float() * decay
+        p = self.cfg.unmask_prob if unmask_prob is None else unmask_prob
+        anchors = sample_anchors(n, seq["prompt_len"], self.cfg.anchors_per_seq, gen)
+        toks, sup = build_blocks(seq["ids"], anchors, d, p, gen)
         return anchors, toks, sup
 
     def _states(self, seq: dict) -> torch.Tensor:
@@ -300,13 +312,20 @@ class Trainer:
 
     def _loss_sum(self, seq: dict, anchors, toks, sup):
         d = self.cfg.block_size - 1
-        idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(d).view(1, -1)).clamp(max=len(seq["ids"]) - 1)
-        # row i (depth i+1) is predicted by the target at position anchor + i
+        eagle = self.cfg.family == "eagle"
+        # block row i (depth i+1) is predicted by the target at position anchor + i;
+        # eagle's step j at state t by the target at position t + j
+        idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(int(eagle), d + int(eagle)).view(1, -1))
+        idx = idx.clamp(max=len(seq["ids"]) - 1)
         taps, target = target_features(self.lm, self._states(seq), idx.reshape(-1), self.lm_w)
         target = target.view(*idx.shape, -1)
-        toks, sup = toks.to(self.device), sup.to(self.device)
+        sup = sup.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            draft = head_logits(self.head, self.lm, taps, anchors, toks, self.embed_w, self.lm_w)
+            if eagle:
+                steps = eagle_train_logits(self.head, taps, seq["ids"], self.embed_w, self.lm_w, d)
+                draft = torch.stack(steps, dim=1)  # (T-1, D, V)
+            else:
+                draft = head_logits(self.head, self.lm, taps, anchors, toks.to(self.device), self.embed_w, self.lm_w)
         fn = LOSSES[self.cfg.loss]
         if self.cfg.loss == "kl":
             loss = fn(draft, target, sup, self.cfg.kl_temperature)
@@ -324,16 +343,19 @@ class Trainer:
         mine = prepared[self.rank :: self.world]
         self.head.train()
         self.opt.zero_grad(set_to_none=False)
-        total, tau_sum, n_tok = 0.0, 0.0, 0
+        total, tau_sum, tau_rows, n_tok = 0.0, 0.0, 0.0, 0
         for seq, anchors, toks, sup in mine:
             if not anchors:
                 continue
             loss, draft, target, _ = self._loss_sum(seq, anchors, toks, sup)
             (loss / max(rows, 1.0)).backward()
             total += float(loss.detach())
-            tau_sum += teacher_forced_tau(draft, target, sup) * len(anchors)
+            w = float((sup[:, 0] > 0).sum())  # rows drafted from the root, as at inference
+            if w:
+                tau_sum += teacher_forced_tau(draft, target, sup) * w
+                tau_rows += w
             n_tok += len(seq["ids"])
-        stats = torch.tensor([total, tau_sum, float(sum(len(p[1]) for p in mine)), float(n_tok)], device=self.device)
+        stats = torch.tensor([total, tau_sum, tau_rows, float(n_tok)], device=self.device)
         if self.world > 1:
             for p in self.head.parameters():
                 if p.grad is not None:
@@ -354,11 +376,9 @@ class Trainer:
         self.head.eval()
         loss, rows, taus = 0.0, 0.0, []
         for i, seq in enumerate(self.eval_seqs):
-            gen = torch.Generator().manual_seed(10_000 + i)
-            anchors = sample_anchors(len(seq["ids"]), seq["prompt_len"], self.cfg.anchors_per_seq, gen)
+            anchors, toks, sup = self._prepare(10_000 + i, seq, unmask_prob=0.0)
             if not anchors:
                 continue
-            toks, sup = build_blocks(seq["ids"], anchors, self.cfg.block_size - 1, 0.0, gen)
             value, draft, target, _ = self._loss_sum(seq, anchors, toks, sup)
             loss, rows = loss + float(value), rows + float(sup.sum())
             taus.append(teacher_forced_tau(draft, target, sup))

@@ -214,14 +214,19 @@ class BlockDraftHead(nn.Module):
         for name, text in (extra_files or {}).items():
             (out / name).write_text(text)
 
+    @staticmethod
+    def read_config(path: str | Path) -> BlockHeadConfig:
+        p = Path(path)
+        if not (p / "head_config.json").is_file():
+            raise ValueError(f"no draft head at '{path}' (expected head_config.json + head.safetensors)")
+        return BlockHeadConfig.from_json((p / "head_config.json").read_text())
+
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BlockDraftHead":
         from safetensors.torch import load_file
 
         p = Path(path)
-        if not (p / "head_config.json").is_file():
-            raise ValueError(f"no draft head at '{path}' (expected head_config.json + head.safetensors)")
-        head = cls(BlockHeadConfig.from_json((p / "head_config.json").read_text()))
+        head = cls(cls.read_config(p))
         head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                               for k, v in load_file(str(p / "head.safetensors")).items()})
         return head.to(dtype)
