@@ -31,6 +31,9 @@ from .data import load_sequences
 from .losses import LOSSES, teacher_forced_tau
 
 
+FAMILIES = ("jetspec", "dflash", "eagle")
+
+
 @dataclass
 class TrainConfig:
     family: str = "jetspec"  # jetspec (block-causal, KL) | dflash (bidirectional, decayed CE) | eagle (AR, TTT)
@@ -82,8 +85,8 @@ class TrainConfig:
             raise ValueError(f"unknown config keys in {path}: {', '.join(sorted(unknown))}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(**raw)
-        if cfg.family not in ("jetspec", "dflash"):
-            raise ValueError(f"unknown head family '{cfg.family}': jetspec or dflash")
+        if cfg.family not in FAMILIES:
+            raise ValueError(f"unknown head family '{cfg.family}': choose from {', '.join(FAMILIES)}")
         if cfg.loss not in LOSSES:
             raise ValueError(f"unknown loss '{cfg.loss}': {', '.join(LOSSES)}")
         return cfg
@@ -237,8 +240,8 @@ class Trainer:
             block_size=cfg.block_size, target_name=self.lm.name,
             tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab)
         hcfg.causal = cfg.family != "dflash"
-        if cfg.family not in ("jetspec", "dflash", "eagle"):
-            raise ValueError(f"unknown head family '{cfg.family}': choose from jetspec, dflash, eagle")
+        if cfg.family not in FAMILIES:
+            raise ValueError(f"unknown head family '{cfg.family}': choose from {', '.join(FAMILIES)}")
         self.head = EagleHead(hcfg) if cfg.family == "eagle" else BlockDraftHead(hcfg)
         self._init_weights()
         if cfg.draft_vocab:
