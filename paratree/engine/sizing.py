@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.loader import LoadedModel, cache_dir
+from ..models.loader import LoadedModel, cache_dir, dtype_name
 from ..models.runner import TargetRunner
 from ..tree.builders import AcceptanceProfile, build_best_first
 from ..tree.cost import VerifyCostModel, path_accept_prob, size_tree
@@ -63,13 +63,6 @@ def model_key(lm: LoadedModel) -> str:
     if lm.name in PACKAGED:
         return name
     return f"{name}-{hashlib.sha1(str(Path(lm.path).resolve()).encode()).hexdigest()[:8]}"
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    if isinstance(dtype, str):
-        return dtype
-    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"}.get(
-        dtype, str(dtype).replace("torch.", ""))
 
 
 def profile_path(lm: LoadedModel, dtype: str | torch.dtype | None = None) -> Path:

@@ -284,7 +284,8 @@ def dtype_name(name: str | torch.dtype) -> str:
     if name == "auto":
         return auto_dtype()
     if isinstance(name, torch.dtype):
-        return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"}[name]
+        return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"}.get(
+            name, str(name).replace("torch.", ""))
     parse_dtype(name)  # validates
     return {"bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "float16": "fp16"}.get(name, name)
 
