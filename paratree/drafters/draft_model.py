@@ -6,18 +6,16 @@ rejected drafts simply vanish), feeds any committed tokens it has not seen,
 then decodes a greedy chain of `depth` tokens one step at a time. With
 `width` > 1 every chain node also gets its draft model's next-best tokens as
 sibling leaves: a tree of 1 + depth * width nodes for the same `depth` draft
-steps, verified in one target forward. Children are the draft's top-k
-(child_mode "topk"); the verification core picks a rule that is lossless for
-that (target-sample matching / recursive rejection under sampling).
+steps, verified in one target forward. Children are the draft's top-k, so the
+verification core uses target-sample matching under sampling (lossless).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..models.runner import TargetRunner
+from ..tree.builders import build_chain_with_siblings
 from ..tree.draft_tree import DraftTree
 
 
@@ -66,13 +64,10 @@ class DraftModelDrafter:
             self.runner.prefill(committed[n:])
         self.cached = list(committed)
 
-    def _dist(self, logits: torch.Tensor) -> torch.Tensor:
-        q = torch.softmax(logits.double(), -1)
-        if q.numel() > self.vocab:
-            q = q[: self.vocab] / q[: self.vocab].sum()
-        elif q.numel() < self.vocab:
-            q = torch.cat([q, q.new_zeros(self.vocab - q.numel())])
-        return q
+    def _step(self, token: int) -> torch.Tensor:
+        """Feed one token to the draft model; its log-probs over the target's vocab (rows beyond it cut)."""
+        self.cached.append(token)
+        return torch.log_softmax(self.runner.step(token)[: self.vocab].float(), -1)
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], budget: int) -> DraftTree:
@@ -84,28 +79,6 @@ class DraftModelDrafter:
         if depth == 0:
             return DraftTree.chain([root])
         self._sync(tokens[:-1])
-        toks, parents, depths, cum, qs = [root], [-1], [0], [0.0], []
-        node, tok, lp = 0, root, 0.0
-        for d in range(depth):
-            q = self._dist(self.runner.step(tok))
-            self.cached.append(tok)
-            qs.append((node, q))
-            top = torch.topk(q, width)
-            first = len(toks)
-            for rank, (p, t) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-                if p <= 0.0:
-                    break
-                toks.append(t)
-                parents.append(node)
-                depths.append(d + 1)
-                cum.append(lp + math.log(p))
-            if len(toks) == first:
-                break
-            node, tok, lp = first, toks[first], cum[first]
-        n = len(toks)
-        q_all = torch.zeros(n, self.vocab, dtype=torch.float64)
-        for i, q in qs:
-            q_all[i] = q
-        return DraftTree(tokens=torch.tensor(toks), parents=torch.tensor(parents), depths=torch.tensor(depths),
-                         cum_logp=torch.tensor(cum, dtype=torch.float64), q=q_all, child_mode="topk",
-                         meta={"drafter": self.name})
+        tree = build_chain_with_siblings(root, self._step(root), self._step, depth, width)
+        tree.meta["drafter"] = self.name
+        return tree

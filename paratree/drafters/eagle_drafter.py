@@ -9,11 +9,10 @@ top-k: verified by the lossless rules for that case).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from ..tree.builders import build_chain_with_siblings
 from ..tree.draft_tree import DraftTree
 from .heads.eagle import EagleHead
 
@@ -71,26 +70,17 @@ class EagleDrafter:
         if self._h_last is None or depth == 0:
             return DraftTree.chain([root])
         width = max(1, min(self.width, (budget - 1) // depth))
-        toks, parents, depths, cum = [root], [-1], [0], [0.0]
-        node, lp, h = 0, 0.0, self._h_last
-        past = self._kv
-        for d in range(depth):
-            logp = self._logp(h)
-            top = torch.topk(logp, width)
-            first = len(toks)
-            for v, i in zip(top.values.tolist(), top.indices.tolist()):
-                if v == -math.inf:
-                    break
-                toks.append(int(self.d2t[i]) if self.d2t is not None else i)
-                parents.append(node)
-                depths.append(d + 1)
-                cum.append(lp + v)
-            node, lp = first, cum[first]
-            if d + 1 == depth:
-                break
-            x = self.head.step_input(self.embed(torch.tensor([[toks[first]]])).to(self.dtype), h)
-            pos = torch.tensor([[self._c + d]])
-            h, own = self.head.run(x, pos, past, None)
-            past = [(torch.cat([pk, ok], 2), torch.cat([pv, ov], 2)) for (pk, pv), (ok, ov) in zip(past, own)]
-        return DraftTree(tokens=torch.tensor(toks), parents=torch.tensor(parents), depths=torch.tensor(depths),
-                         cum_logp=torch.tensor(cum, dtype=torch.float64), meta={"drafter": self.name})
+        state = {"h": self._h_last, "past": self._kv, "pos": self._c}
+
+        def step(token: int) -> torch.Tensor:  # drafted step j >= 2: (token, previous h) at the next position
+            x = self.head.step_input(self.embed(torch.tensor([[token]])).to(self.dtype), state["h"])
+            h, own = self.head.run(x, torch.tensor([[state["pos"]]]), state["past"], None)
+            state["past"] = [(torch.cat([pk, ok], 2), torch.cat([pv, ov], 2))
+                             for (pk, pv), (ok, ov) in zip(state["past"], own)]
+            state["h"], state["pos"] = h, state["pos"] + 1
+            return self._logp(h)
+
+        d2t = self.d2t.tolist() if self.d2t is not None else None
+        tree = build_chain_with_siblings(root, self._logp(self._h_last), step, depth, width, token_map=d2t)
+        tree.meta["drafter"] = self.name
+        return tree

@@ -60,6 +60,40 @@ def _top_children(logp: torch.Tensor, cap: int) -> tuple[list[float], list[int]]
     return vals[keep].tolist(), idx[keep].tolist()
 
 
+def build_chain_with_siblings(
+    root: int,
+    first_logp: torch.Tensor,
+    step: Callable[[int], torch.Tensor],
+    depth: int,
+    width: int,
+    token_map: Sequence[int] | None = None,
+) -> DraftTree:
+    """An autoregressive drafter's tree: the greedy chain, plus its width-1 runner-up tokens as leaves.
+
+    first_logp: the drafter's log-probs for the token after the root; step(token) feeds the
+    chain token just chosen (a target id) and returns the next log-probs. Costs depth - 1 calls.
+    token_map maps drafter indices to target ids (a reduced draft vocab). Children are
+    deterministic top-k (no q): target-sample matching verifies them losslessly.
+    """
+    toks, parents, depths, cum = [root], [-1], [0], [0.0]
+    node, logp = 0, first_logp
+    for d in range(depth):
+        vals, idx = _top_children(logp, width)
+        if not idx:
+            break
+        first = len(toks)
+        for v, i in zip(vals, idx):
+            toks.append(int(token_map[i]) if token_map is not None else i)
+            parents.append(node)
+            depths.append(d + 1)
+            cum.append(cum[node] + v)
+        node = first
+        if d + 1 < depth:
+            logp = step(toks[first])
+    return DraftTree(tokens=torch.tensor(toks), parents=torch.tensor(parents), depths=torch.tensor(depths),
+                     cum_logp=torch.tensor(cum, dtype=torch.float64), meta={"builder": "chain_with_siblings"})
+
+
 def build_best_first(
     root: int,
     per_depth_logp: torch.Tensor | None,
