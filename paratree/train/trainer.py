@@ -141,18 +141,19 @@ def target_features(lm: LoadedModel, states: torch.Tensor, rows: torch.Tensor, l
     return states[:, :-h].float(), F.linear(last, lm_w.to(last.dtype)).float()
 
 
-def frequent_tokens(seqs: list[dict], n: int, always: set[int]) -> torch.Tensor:
-    """The n most frequent response tokens (ties by id: identical on every rank), plus `always`."""
+def frequent_tokens(seqs: list[dict], n: int, always: set[int], vocab_size: int) -> torch.Tensor:
+    """`always` plus the most frequent response tokens (ties by id: identical on every rank), n in all;
+    if the data has fewer distinct tokens, the lowest unused ids fill the rest."""
     from collections import Counter
 
     counts = Counter(t for s in seqs for t in s["ids"][s["prompt_len"]:])
-    keep = list(dict.fromkeys(sorted(always)))
-    for tok, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    keep = dict.fromkeys([*sorted(always), *ranked])
+    for t in range(vocab_size):
         if len(keep) >= n:
             break
-        if tok not in always:
-            keep.append(tok)
-    return torch.tensor(sorted(keep[:n]), dtype=torch.long)
+        keep.setdefault(t)
+    return torch.tensor(sorted(list(keep)[:n]), dtype=torch.long)
 
 
 def sample_anchors(n_tokens: int, prompt_len: int, n: int, gen: torch.Generator) -> list[int]:
@@ -247,11 +248,8 @@ class Trainer:
         if cfg.draft_vocab:
             if cfg.draft_vocab > self.lm.config.vocab_size:
                 raise ValueError(f"draft_vocab {cfg.draft_vocab} exceeds the target's vocab {self.lm.config.vocab_size}")
-            d2t = frequent_tokens(self.train_seqs, cfg.draft_vocab, self.lm.eos_ids)
-            if d2t.numel() < cfg.draft_vocab:  # the data has fewer distinct tokens: fill with the lowest ids
-                rest = [t for t in range(self.lm.config.vocab_size) if t not in set(d2t.tolist())]
-                d2t = torch.tensor(sorted(d2t.tolist() + rest[: cfg.draft_vocab - d2t.numel()]))
-            self.head.d2t.copy_(d2t)
+            self.head.d2t.copy_(frequent_tokens(self.train_seqs, cfg.draft_vocab, self.lm.eos_ids,
+                                                self.lm.config.vocab_size))
         self.head.to(self.device)
         self.embed_w = self.lm.model.embed.weight.detach()
         # Teacher and draft over the same vocab: with a draft vocab, the target's distribution
