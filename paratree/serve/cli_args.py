@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def add_serve_parsers(sub, add_model_args, cmd_serve, cmd_bench_serve) -> None:
     from ..drafters import DRAFTERS
