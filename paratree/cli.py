@@ -69,9 +69,7 @@ def cmd_generate(args) -> int:
 
         spec = args.model or DEFAULT_MODEL
         args.drafter = "jetspec" if args.head else default_drafter(spec) if spec in PACKAGED else "ngram"
-    opts = {"head_path": args.head} if args.head else {}
-    if args.drafter == "draft-model":
-        opts.update(draft_model=args.draft_model, draft_depth=args.draft_depth, draft_width=args.draft_width)
+    opts = _drafter_options(args)
     pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=32 if budget == "auto" else budget,
                          max_len=args.max_model_len, **opts)
     if budget == "auto" and args.drafter != "plain":
@@ -228,6 +226,23 @@ def cmd_card(args) -> int:
     return 0
 
 
+def _add_drafter_args(p) -> None:
+    """Options that pick what a drafter drafts with (shared by generate and serve)."""
+    p.add_argument("--head", default=None, help="trained draft head directory (default: the one shipped for the model)")
+    p.add_argument("--draft-model", default=None,
+                   help="draft-model drafter: packaged name, HF dir or .gguf of a small LM with the target's tokenizer")
+    p.add_argument("--draft-depth", type=int, default=5, help="draft-model: tokens drafted per round")
+    p.add_argument("--draft-width", type=int, default=1,
+                   help="draft-model: candidates per depth (1 = chain; k > 1 adds k-1 sibling leaves per depth)")
+
+
+def _drafter_options(args) -> dict:
+    opts = {"head_path": args.head} if args.head else {}
+    if args.drafter == "draft-model":
+        opts.update(draft_model=args.draft_model, draft_depth=args.draft_depth, draft_width=args.draft_width)
+    return opts
+
+
 def cmd_serve(args) -> int:
     from .serve.server import serve
 
@@ -236,7 +251,7 @@ def cmd_serve(args) -> int:
                  budget=args.budget, max_batch=args.max_batch, max_queue=args.max_queue,
                  max_model_len=args.max_model_len or 2048, policy=args.policy, cost_model=args.cost_model,
                  request_timeout=args.request_timeout, served_model_name=args.served_model_name,
-                 threads=getattr(args, "threads", None))
+                 threads=getattr(args, "threads", None), drafter_options=_drafter_options(args))
 
 
 def cmd_bench_serve(args) -> int:
@@ -263,12 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", default="32",
                    help="max tree nodes per verify, root included, or 'auto' (size each tree from the "
                         "calibrated verify cost, see `paratree calibrate`)")
-    g.add_argument("--head", default=None, help="trained draft head directory (default: the one shipped for the model)")
-    g.add_argument("--draft-model", default=None,
-                   help="draft-model drafter: packaged name, HF dir or .gguf of a small LM with the target's tokenizer")
-    g.add_argument("--draft-depth", type=int, default=5, help="draft-model: tokens drafted per round")
-    g.add_argument("--draft-width", type=int, default=1,
-                   help="draft-model: candidates per depth (1 = chain; k > 1 adds k-1 sibling leaves per depth)")
+    _add_drafter_args(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -353,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .serve.cli_args import add_serve_parsers
 
-    add_serve_parsers(sub, _add_model_args, cmd_serve, cmd_bench_serve)
+    add_serve_parsers(sub, _add_model_args, _add_drafter_args, cmd_serve, cmd_bench_serve)
     return p
 
 

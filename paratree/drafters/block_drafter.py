@@ -32,10 +32,11 @@ class BlockHeadDrafter:
             self.lm_head = lambda h: torch.nn.functional.linear(h, w)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ctx_len = 0
+        self._last: torch.Tensor | None = None  # fused state of the newest context token (the root's predecessor)
 
     # -- context ----------------------------------------------------------------------
     def begin(self, prompt_ids, prompt_taps):
-        self._kv, self._ctx_len = [], 0
+        self._kv, self._ctx_len, self._last = [], 0, None
         if prompt_taps is not None and prompt_taps.shape[0]:
             self._append(prompt_taps)
 
@@ -49,6 +50,7 @@ class BlockHeadDrafter:
         ctx = self.head.fuse(taps.to(self.dtype).unsqueeze(0))
         pos = torch.arange(self._ctx_len, self._ctx_len + n).unsqueeze(0)
         new = self.head.context_kv(ctx, pos)
+        self._last = ctx[:, -1:]
         self._kv = new if not self._kv else [(torch.cat([k, nk], 2), torch.cat([v, nv], 2))
                                              for (k, v), (nk, nv) in zip(self._kv, new)]
         self._ctx_len += n
@@ -65,47 +67,39 @@ class BlockHeadDrafter:
     def block_logits(self, root: int, branch: list[int] | None = None) -> torch.Tensor:
         """Per-depth logits (D, V) for the block rooted at `root` (row 0 = root at the next position).
 
-        `branch` fills the first rows after the root with real tokens (path conditioning):
-        row i then predicts depth i given the branch.
+        `branch` fills the rows after the root with real tokens (path conditioning):
+        row i then predicts depth i+1 given the branch.
         """
         d = self.max_depth
-        toks = torch.full((1, d + 1), -1, dtype=torch.long)
+        toks = torch.full((1, d), -1, dtype=torch.long)
         toks[0, 0] = root
         if branch:
-            toks[0, 1 : 1 + len(branch)] = torch.tensor(branch[:d])
-        x = self.head.block_embeddings(self.embed, toks).to(self.dtype)
-        pos = torch.arange(self._ctx_len, self._ctx_len + d + 1).unsqueeze(0)
+            toks[0, 1 : 1 + len(branch)] = torch.tensor(branch[: d - 1])
+        x = self.head.block_embeddings(self.embed.weight, toks, self._last).to(self.dtype)
+        pos = torch.arange(self._ctx_len, self._ctx_len + d).unsqueeze(0)
         mask = None
         if self.head.cfg.causal:
-            mask = torch.ones(d + 1, self._ctx_len + d + 1, dtype=torch.bool)
-            mask[:, self._ctx_len :] = torch.ones(d + 1, d + 1, dtype=torch.bool).tril()
-        kv = self._context()
-        h = self.head.forward_blocks(x, pos, kv, mask)
-        return self.lm_head(h[0, 1:].to(self.embed.weight.dtype)).float()
+            mask = torch.ones(d, self._ctx_len + d, dtype=torch.bool)
+            mask[:, self._ctx_len :] = torch.ones(d, d, dtype=torch.bool).tril()
+        h = self.head.forward_blocks(x, pos, self._context(), mask)
+        return self.lm_head(h[0].to(self.embed.weight.dtype)).float()
 
     @torch.inference_mode()
     def conditioned_logits(self, tree: DraftTree) -> torch.Tensor:
         """Next-token logits (N, V) for every node of `tree`, each conditioned on its own branch.
 
-        One head pass under a tree mask: node rows carry their real tokens and see
-        only their ancestors; one MASK row per node sits one position deeper and
-        sees that node's branch -- exactly what a block-causal head saw in training
-        when a block's prefix was un-masked.
+        One head pass under a tree mask: node rows carry their real tokens and see only
+        their ancestors, exactly as the rows of a block whose prefix was un-masked in
+        training; a causal head's row predicts the token after it, so node i's row gives
+        node i's children.
         """
         n, c = tree.num_nodes, self._ctx_len
-        anc = tree.ancestor_mask()
-        toks = torch.cat([tree.tokens, torch.full((n,), -1, dtype=torch.long)]).view(1, 2 * n)
-        x = self.head.block_embeddings(self.embed, toks).to(self.dtype)
-        depth = tree.depths
-        pos = torch.cat([c + depth, c + depth + 1]).view(1, 2 * n)
-        mask = torch.zeros(2 * n, c + 2 * n, dtype=torch.bool)
-        mask[:, :c] = True
-        mask[:n, c : c + n] = anc
-        mask[n:, c : c + n] = anc
-        mask[n:, c + n :] = torch.eye(n, dtype=torch.bool)
-        kv = self._context()
-        h = self.head.forward_blocks(x, pos, kv, mask)
-        return self.lm_head(h[0, n:].to(self.embed.weight.dtype)).float()
+        x = self.head.block_embeddings(self.embed.weight, tree.tokens.view(1, n), self._last).to(self.dtype)
+        pos = (c + tree.depths).view(1, n)
+        mask = torch.ones(n, c + n, dtype=torch.bool)
+        mask[:, c:] = tree.ancestor_mask()
+        h = self.head.forward_blocks(x, pos, self._context(), mask)
+        return self.lm_head(h[0].to(self.embed.weight.dtype)).float()
 
     def _to_target(self, tree: DraftTree) -> DraftTree:
         """Draft-vocab indices of the non-root nodes -> target token ids."""

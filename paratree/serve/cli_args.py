@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 
-def add_serve_parsers(sub, add_model_args, cmd_serve, cmd_bench_serve) -> None:
+def add_serve_parsers(sub, add_model_args, add_drafter_args, cmd_serve, cmd_bench_serve) -> None:
     from ..drafters import DRAFTERS
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     add_model_args(s)
     s.add_argument("--drafter", default="ngram", choices=DRAFTERS,
-                   help="ngram (default: training-free, cheap per sequence under batching) or a head drafter")
+                   help="ngram (default: training-free, cheap per sequence under batching), a head drafter "
+                        "(--head DIR) or draft-model (--draft-model NAME)")
+    add_drafter_args(s)
     s.add_argument("--budget", type=int, default=32, help="max tree nodes per sequence per verify, root included")
     s.add_argument("--policy", default="adaptive", choices=("adaptive", "latency", "throughput"))
     s.add_argument("--host", default="127.0.0.1")

@@ -21,15 +21,21 @@ class ServeEngine:
     def __init__(self, lm: LoadedModel, drafter: str = "ngram", budget: int = 32, max_batch: int = 16,
                  max_queue: int = 64, max_model_len: int = 2048, policy: str = "adaptive",
                  cost_model: str | Path | None = None, request_timeout: float = 600.0,
-                 served_model_name: str | None = None, prefill_chunk: int = 64):
+                 served_model_name: str | None = None, prefill_chunk: int = 64,
+                 drafter_options: dict | None = None):
         if max_batch < 1 or max_queue < 0 or budget < 1:
             raise ValueError("need max_batch >= 1, max_queue >= 0, budget >= 1")
         self.lm = lm
         self.model_name = served_model_name or lm.name
         self.drafter_name = drafter
-        proto = make_drafter(drafter, lm)  # unknown names / missing heads fail here, at startup
-        if drafter in ("plain", "ngram", "ngram-chain"):
-            factory = lambda: make_drafter(drafter, lm)  # noqa: E731  cheap, stateless
+        opts = dict(drafter_options or {})
+        if drafter == "draft-model":  # its own KV cache per sequence, as long as the target's
+            opts["max_len"] = int(max_model_len) + 1
+        # unknown names, missing heads or draft models, tokenizer mismatches fail here, at startup
+        proto = make_drafter(drafter, lm, **opts)
+        if drafter in ("plain", "ngram", "ngram-chain", "draft-model"):
+            # a fresh drafter per sequence (the draft model's weights are loaded once and shared)
+            factory = lambda: make_drafter(drafter, lm, **opts)  # noqa: E731
         else:  # trained heads: share the loaded weights; per-sequence state is (re)set by begin()
             factory = lambda: copy.copy(proto)  # noqa: E731
         self.max_model_len = min(int(max_model_len), lm.config.max_position)

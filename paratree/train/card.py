@@ -17,7 +17,7 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         f"# {cfg['family']} draft head for {cfg['target_name']}",
         "",
         f"- Architecture: {cfg['num_layers']} layer(s), hidden {cfg['target_hidden']}, block size {cfg['block_size']} "
-        f"({cfg['block_size'] - 1} depths per pass), {'block-causal' if cfg['causal'] else 'bidirectional'} block "
+        f"({cfg['block_size']} depths per pass), {'block-causal' if cfg['causal'] else 'bidirectional'} block "
         f"attention, taps from target layers {cfg['tap_layers']}, shares the target's embedding and LM head"
         + (f" (predicts over a {cfg['draft_vocab']}-token draft vocab: the most frequent tokens of the "
            f"training responses, mapped back to target ids)." if cfg.get("draft_vocab") else "."),

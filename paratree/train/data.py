@@ -29,6 +29,7 @@ SOURCES = {
     "dolly": ("chat_prompts/dolly_open_qa.jsonl", "instruction"),
     "roleplay": ("chat_prompts/gptteacher_roleplay.jsonl", "instruction"),
     "self_instruct": ("chat_prompts/self_instruct_seed_tasks.jsonl", "instruction"),
+    "sharegpt": ("chat_prompts/sharegpt_first_turns.jsonl", "instruction"),  # real user chat (first turns)
 }
 
 

@@ -168,13 +168,13 @@ def sample_anchors(n_tokens: int, prompt_len: int, n: int, gen: torch.Generator)
 
 
 def build_blocks(ids: list[int], anchors: list[int], depth: int, unmask_prob: float, gen: torch.Generator):
-    """Block tokens (A, D+1) with -1 = MASK, and a (A, D) mask of supervised rows.
+    """Block tokens (A, D) with -1 = MASK, and a (A, D) mask of supervised rows (row i -> depth i+1).
 
     With unmask_prob, a block gets a real prefix t1..tm (m >= 1) so the causal head
-    learns to condition on a branch; those rows are inputs, not supervised.
+    learns to condition on a branch; rows 0..m-1 then only feed row m onwards.
     """
     a_n = len(anchors)
-    toks = torch.full((a_n, depth + 1), -1, dtype=torch.long)
+    toks = torch.full((a_n, depth), -1, dtype=torch.long)
     sup = torch.zeros(a_n, depth)
     t = len(ids)
     for j, a in enumerate(anchors):
@@ -195,15 +195,15 @@ def head_logits(head: BlockDraftHead, lm: LoadedModel, taps: torch.Tensor, ancho
     t = taps.shape[0]
     ctx = head.fuse(taps.unsqueeze(0))
     kv = head.context_kv(ctx, torch.arange(t, device=taps.device).unsqueeze(0))
-    is_mask = block_tokens < 0
-    emb = F.embedding(block_tokens.clamp_min(0), embed_w).to(ctx.dtype)
-    x = torch.where(is_mask.unsqueeze(-1), head.mask_emb.to(ctx.dtype), emb).view(1, a_n * bs, -1)
     dev = taps.device
     anchor_t = torch.tensor(anchors, device=dev)
+    # the state before each root (zero for a root at position 0, which has none)
+    prev = torch.cat([ctx.new_zeros(1, 1, ctx.shape[-1]), ctx], dim=1)[:, anchor_t]
+    x = head.block_embeddings(embed_w.to(ctx.dtype), block_tokens.view(1, -1), prev)
     pos = (anchor_t.view(-1, 1) + torch.arange(bs, device=dev).view(1, -1)).view(1, -1)
     ctx_visible = torch.arange(t, device=dev).view(1, -1) < anchor_t.view(-1, 1)
     mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
-    h = head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)[:, 1:]
+    h = head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)
     return F.linear(h, lm_w.to(h.dtype))
 
 
@@ -290,7 +290,7 @@ class Trainer:
 
     def _prepare(self, key: int, seq: dict, unmask_prob: float | None = None):
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + key)
-        d, n = self.cfg.block_size - 1, len(seq["ids"])
+        d, n = self.head.cfg.depth, len(seq["ids"])
         if self.cfg.family == "eagle":  # every state t (reads x_{t+1}); step j predicts x_{t+j+1}
             anchors = list(range(n - 1))
             t = torch.arange(n - 1).view(-1, 1) + torch.arange(1, d + 1).view(1, -1)
@@ -312,9 +312,9 @@ class Trainer:
         return self._cache[key]
 
     def _loss_sum(self, seq: dict, anchors, toks, sup):
-        d = self.cfg.block_size - 1
+        d = self.head.cfg.depth
         eagle = self.cfg.family == "eagle"
-        # block row i (depth i+1) is predicted by the target at position anchor + i;
+        # block row i (depth i+1) is the target's prediction at position anchor + i;
         # eagle's step j at state t by the target at position t + j
         idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(int(eagle), d + int(eagle)).view(1, -1))
         idx = idx.clamp(max=len(seq["ids"]) - 1)

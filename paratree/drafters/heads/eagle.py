@@ -31,17 +31,17 @@ from .block import BlockDraftHead, BlockHeadConfig
 
 
 class EagleHead(BlockDraftHead):
-    """Reuses the block head's fuse / layers / norm / save / load; adds the 2H -> H input projection."""
+    """Reuses the block head's fuse / layers / norm / save / load, and its root-row projection
+    [emb; state] -> H as the step input of every autoregressive step."""
 
     def __init__(self, cfg: BlockHeadConfig):
         super().__init__(cfg)
         h = cfg.target_hidden
         self.emb_norm = RMSNorm(h, cfg.rms_eps)
         self.feat_norm = RMSNorm(h, cfg.rms_eps)
-        self.inp = nn.Linear(2 * h, h, bias=False)
 
     def step_input(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-        return self.inp(torch.cat([self.emb_norm(emb), self.feat_norm(feat)], dim=-1))
+        return self.root_in(torch.cat([self.emb_norm(emb), self.feat_norm(feat)], dim=-1))
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]],
             mask: torch.Tensor | None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -1,0 +1,50 @@
+"""Self-distillation data (`paratree data`): prompt sources, batched generation equal to one-by-one
+greedy decoding, and resuming a killed run without losing or duplicating a sequence."""
+
+import json
+
+import pytest
+
+from paratree.bench.datasets import DATA, _read_jsonl
+from paratree.drafters import NoDrafter
+from paratree.engine.generate import Generator
+from paratree.engine.pipeline import encode_prompt
+from paratree.models.loader import load_model
+from paratree.models.runner import TargetRunner
+from paratree.train.data import SOURCES, collect_prompts, generate_dataset, load_sequences
+
+
+def test_every_training_source_yields_prompts_and_none_is_an_eval_split():
+    for name, (rel, field) in SOURCES.items():
+        assert not any(part in rel for part in ("test", "mt_bench", "humaneval")), name
+        rows = _read_jsonl(DATA / rel)
+        assert len(rows) >= 100 and all(r.get(field) for r in rows), name
+        got = collect_prompts({name: 3}, seed=1)
+        assert len(got) == 3 and all(p["source"] == name and p["prompt"].strip() for p in got)
+    assert collect_prompts({"sharegpt": 4}, seed=1) == collect_prompts({"sharegpt": 4}, seed=1)
+    with pytest.raises(ValueError, match="unknown prompt source 'nope'"):
+        collect_prompts({"nope": 1})
+
+
+def test_batched_generation_equals_greedy_decoding_and_resumes_after_a_kill(tiny, tmp_path):
+    lm = load_model(tiny, "fp32")
+    prompts = collect_prompts({"gsm8k_train": 3, "sharegpt": 2}, seed=0)
+    out = tmp_path / "d.jsonl"
+    generate_dataset(lm, prompts, out, max_new_tokens=10, batch_size=2, max_prompt_tokens=1024, progress=False)
+    first = load_sequences(out)
+    assert sorted((r["source"], r["index"]) for r in first) == sorted((p["source"], p["index"]) for p in prompts)
+
+    gen = Generator(TargetRunner(lm.model, max_len=1100), NoDrafter(), eos_ids=lm.eos_ids)
+    by_key = {(p["source"], p["index"]): p for p in prompts}
+    for r in first:
+        ids = encode_prompt(lm.tokenizer, by_key[(r["source"], r["index"])]["prompt"])
+        assert r["ids"][: r["prompt_len"]] == ids
+        assert r["ids"][r["prompt_len"]:] == gen.generate(ids, 10).token_ids
+
+    # A kill mid-write: one sequence lost entirely, the next cut mid-line.
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
+    generate_dataset(lm, prompts, out, max_new_tokens=10, batch_size=2, max_prompt_tokens=1024, progress=False)
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    key = lambda r: (r["source"], r["index"])  # noqa: E731
+    assert sorted(again, key=key) == sorted(first, key=key)
