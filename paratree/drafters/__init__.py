@@ -16,6 +16,7 @@ HEAD_DRAFTERS = {
     "dflash": ("dflash", False, False),
     "ddtree": ("dflash", True, False),
     "eagle": ("eagle", True, False),  # EAGLE-3-style AR head: chain + top-k siblings per depth
+    "dspark": ("dspark", False, False),  # parallel backbone + Markov chain + confidence-gated length
 }
 DRAFTERS = ("plain", "ngram", "ngram-chain", "draft-model", *HEAD_DRAFTERS)
 
@@ -72,8 +73,20 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         found = BlockDraftHead.read_config(path).family
         if found != family:
             raise ValueError(f"'{path}' holds a {found} head; drafter '{name}' needs a {family} head")
-        head = (EagleHead if family == "eagle" else BlockDraftHead).load(path, dtype=dtype)
+        from .heads.dspark import DSparkHead
+
+        head = {"eagle": EagleHead, "dspark": DSparkHead}.get(family, BlockDraftHead).load(path, dtype=dtype)
         head.check_target(lm.config, lm.tokenizer)
+        if family == "dspark":
+            from .dspark_drafter import DSparkDrafter
+
+            if "cost" not in options:  # the measured verify curve of this machine, when calibrated
+                from ..engine.sizing import get_profile
+                from ..tree.cost import VerifyCostModel
+
+                prof = get_profile(lm, calibrate_if_missing=False)
+                options["cost"] = prof and VerifyCostModel([(int(n), float(s)) for n, s in prof["verify_points"]])
+            return DSparkDrafter(head, lm.model.embed, lm.model.lm_head, name=name, **options)
         if family == "eagle":
             from .eagle_drafter import EagleDrafter
 

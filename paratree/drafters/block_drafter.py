@@ -70,6 +70,11 @@ class BlockHeadDrafter:
         `branch` fills the rows after the root with real tokens (path conditioning):
         row i then predicts depth i+1 given the branch.
         """
+        return self.lm_head(self.block_hidden(root, branch).to(self.embed.weight.dtype)).float()
+
+    @torch.inference_mode()
+    def block_hidden(self, root: int, branch: list[int] | None = None) -> torch.Tensor:
+        """The head's final-normed states (D, H) of the block rooted at `root`."""
         d = self.max_depth
         toks = torch.full((1, d), -1, dtype=torch.long)
         toks[0, 0] = root
@@ -81,8 +86,7 @@ class BlockHeadDrafter:
         if self.head.cfg.causal:
             mask = torch.ones(d, self._ctx_len + d, dtype=torch.bool)
             mask[:, self._ctx_len :] = torch.ones(d, d, dtype=torch.bool).tril()
-        h = self.head.forward_blocks(x, pos, self._context(), mask)
-        return self.lm_head(h[0].to(self.embed.weight.dtype)).float()
+        return self.head.forward_blocks(x, pos, self._context(), mask)[0]
 
     @torch.inference_mode()
     def conditioned_logits(self, tree: DraftTree) -> torch.Tensor:

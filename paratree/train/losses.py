@@ -52,3 +52,15 @@ def teacher_forced_tau(draft: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 
 LOSSES = {"kl": forward_kl, "ce_decay": decayed_ce, "tv": total_variation}
+
+
+def dspark_loss(draft: torch.Tensor, conf_logit: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                ce_weight: float = 0.1, tv_weight: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """DSpark's mix: 0.1 CE + 0.9 TV for the drafts, + BCE of the confidence head toward the
+    realised acceptance 1 - TV (detached: the confidence learns to predict, not to move, it).
+    Returns (summed loss, per-row 1 - TV)."""
+    tv = 0.5 * (F.softmax(draft.float(), -1) - F.softmax(target.float(), -1)).abs().sum(-1)
+    ce = F.cross_entropy(draft.float().flatten(0, -2), target.argmax(-1).flatten(), reduction="none").view(tv.shape)
+    accept = (1.0 - tv).detach().clamp(0.0, 1.0)
+    bce = F.binary_cross_entropy_with_logits(conf_logit.float(), accept, reduction="none")
+    return ((ce_weight * ce + tv_weight * tv + bce) * mask).sum(), accept

@@ -25,18 +25,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..drafters.heads.block import BlockDraftHead, BlockHeadConfig, tokenizer_fingerprint
+from ..drafters.heads.dspark import DSparkHead, expected_calibration_error, fit_temperature
 from ..drafters.heads.eagle import EagleHead, eagle_train_logits
 from ..models.loader import LoadedModel, auto_dtype, cpu_has_native_bf16, load_model
 from .data import load_sequences
-from .losses import LOSSES, teacher_forced_tau
+from .losses import LOSSES, dspark_loss, teacher_forced_tau
 
 
-FAMILIES = ("jetspec", "dflash", "eagle")
+FAMILIES = ("jetspec", "dflash", "eagle", "dspark")
+HEAD_CLASSES = {"eagle": EagleHead, "dspark": DSparkHead}  # others: BlockDraftHead
 
 
 @dataclass
 class TrainConfig:
     family: str = "jetspec"  # jetspec (block-causal, KL) | dflash (bidirectional, decayed CE) | eagle (AR, TTT)
+    # | dspark (bidirectional backbone + Markov head + confidence head; its own loss mix, `loss` unused)
+    markov_rank: int = 64  # dspark: rank of the previous-token bias
     target: str | None = None  # model spec; None = the default model
     target_dtype: str = "auto"
     data: str = "runs/data/smollm2_distill.jsonl"
@@ -188,9 +192,9 @@ def build_blocks(ids: list[int], anchors: list[int], depth: int, unmask_prob: fl
     return toks, sup
 
 
-def head_logits(head: BlockDraftHead, lm: LoadedModel, taps: torch.Tensor, anchors: list[int],
-                block_tokens: torch.Tensor, embed_w: torch.Tensor, lm_w: torch.Tensor) -> torch.Tensor:
-    """Draft logits (A, D, V) for all anchors of one sequence in one head pass."""
+def head_hidden(head: BlockDraftHead, taps: torch.Tensor, anchors: list[int], block_tokens: torch.Tensor,
+                embed_w: torch.Tensor) -> torch.Tensor:
+    """Final-normed head states (A, D, H) for all anchors of one sequence in one head pass."""
     a_n, bs = block_tokens.shape
     t = taps.shape[0]
     ctx = head.fuse(taps.unsqueeze(0))
@@ -203,8 +207,7 @@ def head_logits(head: BlockDraftHead, lm: LoadedModel, taps: torch.Tensor, ancho
     pos = (anchor_t.view(-1, 1) + torch.arange(bs, device=dev).view(1, -1)).view(1, -1)
     ctx_visible = torch.arange(t, device=dev).view(1, -1) < anchor_t.view(-1, 1)
     mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
-    h = head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)
-    return F.linear(h, lm_w.to(h.dtype))
+    return head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)
 
 
 # -- the trainer -------------------------------------------------------------------------
@@ -240,10 +243,13 @@ class Trainer:
             self.lm.config, family=cfg.family, num_taps=cfg.num_taps, num_layers=cfg.num_layers,
             block_size=cfg.block_size, target_name=self.lm.name,
             tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab)
-        hcfg.causal = cfg.family != "dflash"
+        hcfg.causal = cfg.family not in ("dflash", "dspark")
         if cfg.family not in FAMILIES:
             raise ValueError(f"unknown head family '{cfg.family}': choose from {', '.join(FAMILIES)}")
-        self.head = EagleHead(hcfg) if cfg.family == "eagle" else BlockDraftHead(hcfg)
+        if cfg.family == "dspark":
+            hcfg.extra["markov_rank"] = cfg.markov_rank
+        self.head = HEAD_CLASSES.get(cfg.family, BlockDraftHead)(hcfg)
+        self._conf_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # dspark eval
         self._init_weights()
         if cfg.draft_vocab:
             if cfg.draft_vocab > self.lm.config.vocab_size:
@@ -326,7 +332,17 @@ class Trainer:
                 steps = eagle_train_logits(self.head, taps, seq["ids"], self.embed_w, self.lm_w, d)
                 draft = torch.stack(steps, dim=1)  # (T-1, D, V)
             else:
-                draft = head_logits(self.head, self.lm, taps, anchors, toks.to(self.device), self.embed_w, self.lm_w)
+                h = head_hidden(self.head, taps, anchors, toks.to(self.device), self.embed_w)
+                if self.cfg.family == "dspark":  # previous chain token, teacher-forced: x_{a+k-1} for depth k
+                    prev = torch.tensor(seq["ids"], device=self.device)[idx]
+                    draft, conf = self.head.sequential(h, self.lm_w, prev)
+                else:
+                    draft = F.linear(h, self.lm_w.to(h.dtype))
+        if self.cfg.family == "dspark":
+            loss, accept = dspark_loss(draft, conf, target, sup)
+            if not self.head.training:
+                self._conf_rows.append((conf.detach().float(), accept, sup))
+            return loss, draft.detach(), target, sup
         fn = LOSSES[self.cfg.loss]
         if self.cfg.loss == "kl":
             loss = fn(draft, target, sup, self.cfg.kl_temperature)
@@ -375,6 +391,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out KL/CE and teacher-forced τ, on mask-only blocks (as drafted at inference)."""
         self.head.eval()
+        self._conf_rows = []
         loss, rows, taus = 0.0, 0.0, []
         for i, seq in enumerate(self.eval_seqs):
             anchors, toks, sup = self._prepare(10_000 + i, seq, unmask_prob=0.0)
@@ -383,7 +400,27 @@ class Trainer:
             value, draft, target, _ = self._loss_sum(seq, anchors, toks, sup)
             loss, rows = loss + float(value), rows + float(sup.sum())
             taus.append(teacher_forced_tau(draft, target, sup))
-        return {"eval_loss": loss / max(rows, 1.0), "eval_tau_tf": sum(taus) / max(1, len(taus))}
+        out = {"eval_loss": loss / max(rows, 1.0), "eval_tau_tf": sum(taus) / max(1, len(taus))}
+        if self._conf_rows:
+            logit, accept = self._conf_logits()
+            out["eval_ece"] = expected_calibration_error(torch.sigmoid(logit / self.head.conf_temperature), accept)
+        return out
+
+    def _conf_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """DSpark: confidence logits and realised acceptances of the supervised rows of the last eval."""
+        keep = [sup > 0 for _, _, sup in self._conf_rows]
+        return (torch.cat([c[k] for (c, _, _), k in zip(self._conf_rows, keep)]),
+                torch.cat([a[k] for (_, a, _), k in zip(self._conf_rows, keep)]))
+
+    def calibrate_confidence(self) -> dict:
+        """Temperature-scale the DSpark confidence on the held-out split; ECE before and after."""
+        self.head.cfg.extra["conf_temperature"] = 1.0
+        before = self.evaluate()["eval_ece"]
+        t = fit_temperature(*self._conf_logits())
+        self.head.cfg.extra["conf_temperature"] = t
+        logit, accept = self._conf_logits()
+        after = expected_calibration_error(torch.sigmoid(logit / t), accept)
+        return {"conf_temperature": t, "ece_before": before, "ece_after": after}
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -407,7 +444,7 @@ class Trainer:
         if not done:
             return False
         last = done[-1]
-        loaded = BlockDraftHead.load(last, dtype=torch.float32)
+        loaded = type(self.head).load(last, dtype=torch.float32)
         self.head.load_state_dict(loaded.state_dict())
         state = torch.load(last / "trainer_state.pt", weights_only=False)
         self.opt.load_state_dict(state["opt"])
@@ -442,6 +479,8 @@ class Trainer:
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         last.update(self.evaluate())
+        if self.cfg.family == "dspark" and self.eval_seqs:
+            last["calibration"] = self.calibrate_confidence()
         if log:
             log.write(json.dumps({**last, "final": True}) + "\n")
             log.close()
