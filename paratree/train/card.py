@@ -13,12 +13,16 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
     cfg = json.loads((head_dir / "head_config.json").read_text())
     tc = summary["config"]
     size_mb = (head_dir / "head.safetensors").stat().st_size / 1e6
+    eagle = cfg["family"] == "eagle"
     lines = [
         f"# {cfg['family']} draft head for {cfg['target_name']}",
         "",
-        f"- Architecture: {cfg['num_layers']} layer(s), hidden {cfg['target_hidden']}, block size {cfg['block_size']} "
-        f"({cfg['block_size']} depths per pass), {'block-causal' if cfg['causal'] else 'bidirectional'} block "
-        f"attention, taps from target layers {cfg['tap_layers']}, shares the target's embedding and LM head"
+        f"- Architecture: {cfg['num_layers']} layer(s), hidden {cfg['target_hidden']}, " + (
+            f"autoregressive over [token embedding ; fused taps], {cfg['block_size']} training-time-test steps"
+            if eagle else
+            f"block size {cfg['block_size']} ({cfg['block_size']} depths per pass), "
+            f"{'block-causal' if cfg['causal'] else 'bidirectional'} block attention")
+        + f", taps from target layers {cfg['tap_layers']}, shares the target's embedding and LM head"
         + (f" (predicts over a {cfg['draft_vocab']}-token draft vocab: the most frequent tokens of the "
            f"training responses, mapped back to target ids)." if cfg.get("draft_vocab") else "."),
         f"- Parameters: {summary['head_params'] / 1e6:.2f} M; file: head.safetensors, bf16, {size_mb:.1f} MB.",
@@ -38,7 +42,8 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         "",
         f"- Sequences: {summary['train_sequences']} train / {summary['eval_sequences']} held out, "
         f"{summary['train_tokens']} train tokens (prompt + response).",
-        f"- Steps: {summary['steps']} ({tc['seqs_per_step']} sequences x {tc['anchors_per_seq']} anchors per step), "
+        f"- Steps: {summary['steps']} ({tc['seqs_per_step']} sequences x "
+        f"{'every position' if eagle else str(tc['anchors_per_seq']) + ' anchors'} per step), "
         f"lr {tc['lr']}, {summary['world_size']} process(es).",
         f"- Wall time: {summary['wall_time_s'] / 60:.1f} min on {summary['machine']}.",
         f"- Final held-out loss {summary['final'].get('eval_loss', float('nan')):.3f}, teacher-forced chain τ "
