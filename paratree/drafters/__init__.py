@@ -61,8 +61,8 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
                                  vocab_size=lm.config.vocab_size, **options)
     if name in HEAD_DRAFTERS:
         from .block_drafter import BlockHeadDrafter
+        from .heads import head_class
         from .heads.block import BlockDraftHead
-        from .heads.eagle import EagleHead
 
         family, tree, conditioned = HEAD_DRAFTERS[name]
         path = Path(head_path) if head_path else shipped_head(lm.name, family)
@@ -73,9 +73,7 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         found = BlockDraftHead.read_config(path).family
         if found != family:
             raise ValueError(f"'{path}' holds a {found} head; drafter '{name}' needs a {family} head")
-        from .heads.dspark import DSparkHead
-
-        head = {"eagle": EagleHead, "dspark": DSparkHead}.get(family, BlockDraftHead).load(path, dtype=dtype)
+        head = head_class(family).load(path, dtype=dtype)
         head.check_target(lm.config, lm.tokenizer)
         if family == "dspark":
             from .dspark_drafter import DSparkDrafter

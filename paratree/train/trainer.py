@@ -25,15 +25,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..drafters.heads.block import BlockDraftHead, BlockHeadConfig, tokenizer_fingerprint
-from ..drafters.heads.dspark import DSparkHead, expected_calibration_error, fit_temperature
-from ..drafters.heads.eagle import EagleHead, eagle_train_logits
+from ..drafters.heads import head_class
+from ..drafters.heads.dspark import expected_calibration_error, fit_temperature
+from ..drafters.heads.eagle import eagle_train_logits
 from ..models.loader import LoadedModel, auto_dtype, cpu_has_native_bf16, load_model
 from .data import load_sequences
 from .losses import LOSSES, dspark_loss, teacher_forced_tau
 
 
 FAMILIES = ("jetspec", "dflash", "eagle", "dspark")
-HEAD_CLASSES = {"eagle": EagleHead, "dspark": DSparkHead}  # others: BlockDraftHead
 
 
 @dataclass
@@ -248,7 +248,7 @@ class Trainer:
             raise ValueError(f"unknown head family '{cfg.family}': choose from {', '.join(FAMILIES)}")
         if cfg.family == "dspark":
             hcfg.extra["markov_rank"] = cfg.markov_rank
-        self.head = HEAD_CLASSES.get(cfg.family, BlockDraftHead)(hcfg)
+        self.head = head_class(cfg.family)(hcfg)
         self._conf_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # dspark eval
         self._init_weights()
         if cfg.draft_vocab:

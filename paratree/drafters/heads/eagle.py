@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...models.transformer import RMSNorm
 from .block import BlockDraftHead, BlockHeadConfig
