@@ -79,11 +79,10 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
             from .dspark_drafter import DSparkDrafter
 
             if "cost" not in options:  # the measured verify curve of this machine, when calibrated
-                from ..engine.sizing import get_profile
-                from ..tree.cost import VerifyCostModel
+                from ..engine.sizing import get_profile, profile_cost
 
                 prof = get_profile(lm, calibrate_if_missing=False)
-                options["cost"] = prof and VerifyCostModel([(int(n), float(s)) for n, s in prof["verify_points"]])
+                options["cost"] = profile_cost(prof) if prof else None
             return DSparkDrafter(head, lm.model.embed, lm.model.lm_head, name=name, **options)
         if family == "eagle":
             from .eagle_drafter import EagleDrafter

@@ -228,6 +228,11 @@ def load_profile(path: Path) -> dict | None:
     return prof
 
 
+def profile_cost(profile: dict) -> VerifyCostModel:
+    """The verify cost curve T(n) stored in a calibration profile."""
+    return VerifyCostModel([(int(n), float(s)) for n, s in profile["verify_points"]])
+
+
 def get_profile(lm: LoadedModel, calibrate_if_missing: bool = True, quick: bool = True, **kw) -> dict | None:
     """The stored profile for this model, dtype and machine; a short calibration runs when it is missing."""
     path = profile_path(lm)
@@ -264,7 +269,7 @@ class AutoSizer:
 
     @classmethod
     def from_profile(cls, profile: dict, drafter: str | None = None, **kw) -> "AutoSizer":
-        cost = VerifyCostModel([(int(n), float(s)) for n, s in profile["verify_points"]])
+        cost = profile_cost(profile)
         fixed = float(profile.get("round_overhead_s", 0.0))
         d = (profile.get("draft") or {}).get(drafter or "", {})
         fixed += float(d.get("seconds_max", d.get("seconds", 0.0)))

@@ -72,12 +72,11 @@ class ServeEngine:
             path = cache_dir() / "serve" / f"verify-cost-{cost_model_key(str(lm.path), dtype, max_batch)}.json"
             if not path.is_file():
                 try:
-                    from ..engine.sizing import load_profile, profile_path
+                    from ..engine.sizing import load_profile, profile_cost, profile_path
 
                     prof = load_profile(profile_path(lm))
                     if prof is not None:
-                        pts = [(int(n), float(sec)) for n, sec in prof["verify_points"]]
-                        return VerifyCostModel(pts), f"calibration profile {prof['path']}"
+                        return profile_cost(prof), f"calibration profile {prof['path']}"
                 except Exception:  # no usable profile: measure below
                     pass
         cost, measured = load_or_measure_cost(runner, path, sizes=sizes, repeats=2)

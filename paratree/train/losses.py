@@ -33,10 +33,14 @@ def decayed_ce(draft: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ga
     return (ce * w * mask).sum()
 
 
+def tv_rows(draft: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row TV(p_draft, p_target) = 1/2 |p_d - p_t|_1 (1 - TV is the acceptance rate)."""
+    return 0.5 * (F.softmax(draft.float(), -1) - F.softmax(target.float(), -1)).abs().sum(-1)
+
+
 def total_variation(draft: torch.Tensor, target: torch.Tensor, mask: torch.Tensor):
-    """Sum over valid rows of TV(p_draft, p_target) = 1/2 |p_d - p_t|_1 (1 - TV is the acceptance rate)."""
-    tv = 0.5 * (F.softmax(draft.float(), -1) - F.softmax(target.float(), -1)).abs().sum(-1)
-    return (tv * mask).sum()
+    """Sum over valid rows of TV(p_draft, p_target)."""
+    return (tv_rows(draft, target) * mask).sum()
 
 
 def teacher_forced_tau(draft: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
@@ -59,7 +63,7 @@ def dspark_loss(draft: torch.Tensor, conf_logit: torch.Tensor, target: torch.Ten
     """DSpark's mix: 0.1 CE + 0.9 TV for the drafts, + BCE of the confidence head toward the
     realised acceptance 1 - TV (detached: the confidence learns to predict, not to move, it).
     Returns (summed loss, per-row 1 - TV)."""
-    tv = 0.5 * (F.softmax(draft.float(), -1) - F.softmax(target.float(), -1)).abs().sum(-1)
+    tv = tv_rows(draft, target)
     ce = F.cross_entropy(draft.float().flatten(0, -2), target.argmax(-1).flatten(), reduction="none").view(tv.shape)
     accept = (1.0 - tv).detach().clamp(0.0, 1.0)
     bce = F.binary_cross_entropy_with_logits(conf_logit.float(), accept, reduction="none")
