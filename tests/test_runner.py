@@ -137,3 +137,27 @@ def test_default_model_matches_hf_fp64(default_ckpt):
     runner.prefill(ids[0, :-1].tolist())
     assert (runner.verify(DraftTree.chain([int(ids[0, -1])])).logits[0] - ref_logits).abs().max() < 1e-8
     assert _own_greedy(runner, ids[0].tolist(), 64) == ref.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_cpu_linears_match_stock_linears(tiny_ckpts, dtype):
+    """The oneDNN-packed layout (and fp32's plain-GEMV shortcut for 1-2 rows) computes the same tree logits."""
+    from paratree.models.transformer import GEMV_ROWS, PackedLinear
+
+    packed = load_model(str(tiny_ckpts["qwen2"]), dtype, tokenizer=False, pack=True)
+    stock = load_model(str(tiny_ckpts["qwen2"]), dtype, tokenizer=False, pack=False)
+    if not isinstance(packed.model.layers[0].mlp.w13, PackedLinear):
+        pytest.skip("oneDNN packing unavailable on this build")
+    assert (packed.model.layers[0].attn.wqkv.plain is not None) == (dtype == "fp32")
+    tol = 1e-4 if dtype == "fp32" else 5e-2
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, packed.config.vocab_size, (12,), generator=g).tolist()
+    for n in (1, GEMV_ROWS, GEMV_ROWS + 1, 17):
+        tree = DraftTree.chain(torch.randint(0, packed.config.vocab_size, (n,), generator=g).tolist())
+        outs = []
+        for lm in (packed, stock):
+            r = TargetRunner(lm.model, max_len=64)
+            r.prefill(prompt)
+            outs.append(r.verify(tree).logits.float())
+        scale = outs[1].abs().max()
+        assert (outs[0] - outs[1]).abs().max() <= tol * scale, n

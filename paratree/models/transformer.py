@@ -153,41 +153,79 @@ class Transformer(nn.Module):
         return logits, (torch.cat(tapped, dim=-1) if tapped else None)
 
 
-class PackedLinear(nn.Module):
-    """A bf16 Linear whose weight is pre-packed in oneDNN's blocked layout.
+# Rows at or below which the stock fp32 GEMV beats oneDNN's packed GEMM on CPU. Measured on the
+# 2-core AVX-512 dev machine (60 SmolLM2-sized matrices, ms): 1 row 13.5 vs 18.1, 2 rows 13.8 vs
+# 17.9, 4 rows 24.3 vs 19.1, 16 rows 65.3 vs 25.0 (docs/benchmarks.md, "packed fp32 linears").
+GEMV_ROWS = 2
 
-    On CPU the stock bf16 GEMV streams weights at ~11 GB/s; the packed layout
-    reaches ~19 GB/s (measured on the 2-core dev machine), and decoding is
-    bound by exactly that weight stream. Inference only: no autograd.
+
+class PackedLinear(nn.Module):
+    """A Linear whose weight is also pre-packed in oneDNN's blocked layout (inference only).
+
+    Why: on these CPUs the stock kernels are slow exactly where speculative decoding lives.
+    bf16: the stock GEMV streams ~11 GB/s, the packed layout ~19 GB/s. fp32: a single row is
+    fastest through the stock GEMV, but a 16-row tree through stock `F.linear` costs ~5x one
+    row, against ~1.8x packed. So fp32 keeps both layouts (when memory allows, see
+    `pack_for_cpu`) and picks by row count; bf16 always takes the packed one.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, keep_plain: bool):
         super().__init__()
         self.out_features = linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        self.plain = w if keep_plain else None
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.plain is not None and x2.shape[0] <= GEMV_ROWS:
+            y = F.linear(x2, self.plain, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def pack_for_cpu(model: "Transformer") -> bool:
-    """Swap the decoder's bf16 Linears for oneDNN-packed ones where supported; returns whether it did."""
-    if next(model.parameters()).dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
+def _available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where unknown, which disables the dual layout)."""
     try:
-        probe = PackedLinear(nn.Linear(8, 8, bias=True).to(torch.bfloat16))
-        probe(torch.zeros(1, 8, dtype=torch.bfloat16))
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def pack_for_cpu(model: "Transformer") -> bool:
+    """Swap the decoder's Linears for oneDNN-packed ones where supported; returns whether it did.
+
+    bf16: packed only. fp32: packed plus the plain weight for 1-2 row calls, but only if the
+    second copy of the linear weights fits in 60% of the memory available now (a 1.5B target
+    in fp32 does; otherwise fp32 stays on the stock kernels). fp64 (the exactness tests) and
+    other dtypes are left alone.
+    """
+    dt = next(model.parameters()).dtype
+    if dt not in (torch.bfloat16, torch.float32) or not torch.backends.mkldnn.is_available():
+        return False
+    if dt == torch.float32:
+        linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
+        if linear_bytes > 0.6 * _available_bytes():
+            return False
+    keep_plain = dt == torch.float32
+    try:
+        probe = PackedLinear(nn.Linear(8, 8, bias=True).to(dt), keep_plain)
+        probe(torch.zeros(4, 8, dtype=dt))
     except (RuntimeError, AttributeError):
         return False
     for layer in model.layers:
-        layer.attn.wqkv = PackedLinear(layer.attn.wqkv)
-        layer.attn.wo = PackedLinear(layer.attn.wo)
-        layer.mlp.w13 = PackedLinear(layer.mlp.w13)
-        layer.mlp.w2 = PackedLinear(layer.mlp.w2)
+        layer.attn.wqkv = PackedLinear(layer.attn.wqkv, keep_plain)
+        layer.attn.wo = PackedLinear(layer.attn.wo, keep_plain)
+        layer.mlp.w13 = PackedLinear(layer.mlp.w13, keep_plain)
+        layer.mlp.w2 = PackedLinear(layer.mlp.w2, keep_plain)
     # lm_head keeps its plain weight too: draft heads share it (frozen) with the target.
-    model.lm_head_packed = PackedLinear(model.lm_head)
+    model.lm_head_packed = PackedLinear(model.lm_head, keep_plain)
     return True
 
 
