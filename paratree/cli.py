@@ -231,7 +231,13 @@ def _add_drafter_args(p) -> None:
     p.add_argument("--head", default=None, help="trained draft head directory (default: the one shipped for the model)")
     p.add_argument("--draft-model", default=None,
                    help="draft-model drafter: packaged name, HF dir or .gguf of a small LM with the target's tokenizer")
-    p.add_argument("--draft-depth", type=int, default=5, help="draft-model: tokens drafted per round")
+    p.add_argument("--draft-depth", type=int, default=None, help="draft-model: most tokens drafted per round (default 10)")
+    p.add_argument("--draft-min-prob", type=float, default=None,
+                   help="draft-model: stop a round's chain at the first token the draft model gives less than this "
+                        "(default 0.4; 0 = always draft --draft-depth tokens)")
+    p.add_argument("--draft-lookup", type=int, default=None,
+                   help="draft-model: let the draft model check up to this many prompt-lookup tokens in one forward "
+                        "before stepping on its own (default 8; 0 = off)")
     p.add_argument("--draft-width", type=int, default=1,
                    help="draft-model: candidates per depth (1 = chain; k > 1 adds k-1 sibling leaves per depth)")
 
@@ -239,7 +245,10 @@ def _add_drafter_args(p) -> None:
 def _drafter_options(args) -> dict:
     opts = {"head_path": args.head} if args.head else {}
     if args.drafter == "draft-model":
-        opts.update(draft_model=args.draft_model, draft_depth=args.draft_depth, draft_width=args.draft_width)
+        opts.update(draft_model=args.draft_model, draft_width=args.draft_width)
+        opts.update({k: v for k, v in (("draft_depth", args.draft_depth), ("draft_min_prob", args.draft_min_prob),
+                                                  ("draft_lookup", args.draft_lookup))
+                     if v is not None})
     return opts
 
 

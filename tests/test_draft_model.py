@@ -43,6 +43,70 @@ def test_greedy_equals_plain_and_perfect_draft_is_fully_accepted(pair, width):
         assert res2.token_ids == _plain(runner, prompt[:5], 20) and res2.tau >= 4.0
         res3 = Generator(runner, DraftModelDrafter(other, depth=4, width=width), budget=32).generate(prompt, 40)
         assert res3.token_ids == truth
+        # Confidence-stopped chains (the default draft-model mode) stay lossless too.
+        res4 = Generator(runner, DraftModelDrafter(other, depth=8, width=width, min_prob=0.4), budget=32).generate(
+            prompt, 40)
+        assert res4.token_ids == truth
+
+
+def test_confidence_stop_ends_the_chain_at_the_first_unsure_token():
+    from paratree.tree.builders import build_chain_with_siblings
+
+    # Draft probabilities of the chain tokens: 0.9, 0.6, 0.3 (first below 0.4, kept), then 0.95 (never asked).
+    probs = iter([0.6, 0.3, 0.95, 0.95])
+    calls = []
+
+    def row(p, tok):
+        lp = torch.full((50,), -1e9)
+        lp[tok], lp[tok + 1] = torch.log(torch.tensor(p)), torch.log(torch.tensor((1 - p) * p))  # sibling: runner-up
+        return lp
+
+    def step(token):
+        calls.append(token)
+        return row(next(probs), token + 2)
+
+    tree = build_chain_with_siblings(0, row(0.9, 1), step, depth=8, width=2, min_prob=0.4)
+    assert tree.tokens.tolist() == [0, 1, 2, 3, 4, 5, 6] and int(tree.depths.max()) == 3
+    assert calls == [1, 3]  # no draft step is spent after the unsure token
+    full = build_chain_with_siblings(0, row(0.9, 1), lambda t: row(0.3, t + 2), depth=5, width=1)
+    assert int(full.depths.max()) == 5  # min_prob 0 drafts the whole depth
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_staged_lookup_drafting_builds_the_sequential_tree_with_fewer_steps(pair, width):
+    """The draft model checking a prompt-lookup guess in one forward changes the cost, not the tree."""
+    target, same, other = pair
+    runner = TargetRunner(target.model, max_len=256)
+    g = torch.Generator().manual_seed(11)
+    for draft in (same, other):
+        for trial in range(2):
+            motif = torch.randint(0, 97, (7,), generator=g).tolist()
+            prompt = motif + torch.randint(0, 97, (3,), generator=g).tolist() + motif[:4]  # repeats: lookup matches
+            seq = DraftModelDrafter(draft, depth=6, width=width, min_prob=0.2 * trial)
+            staged = DraftModelDrafter(draft, depth=6, width=width, min_prob=0.2 * trial, lookup=8)
+            steps = {"seq": 0, "staged": 0}
+            for key, d in (("seq", seq), ("staged", staged)):
+                inner = d._step
+
+                def counted(tok, _inner=inner, _key=key):
+                    steps[_key] += 1
+                    return _inner(tok)
+
+                d._step = counted
+            a = Generator(runner, seq, budget=32).generate(prompt, 30)
+            b = Generator(runner, staged, budget=32).generate(prompt, 30)
+            assert b.token_ids == a.token_ids == _plain(runner, prompt, 30)
+            assert b.rounds == a.rounds  # same trees, hence the same acceptance every round
+            assert steps["staged"] < steps["seq"]
+            t1, t2 = seq.propose(prompt + motif, 16), staged.propose(prompt + motif, 16)
+            assert t1.tokens.tolist() == t2.tokens.tolist() and t1.parents.tolist() == t2.parents.tolist()
+            assert staged.cached == seq.cached  # the draft caches hold the same tokens afterwards
+
+
+def test_draft_model_options_are_validated(pair):
+    _, same, _ = pair
+    with pytest.raises(ValueError, match="min_prob"):
+        DraftModelDrafter(same, depth=4, min_prob=1.5)
 
 
 def test_tree_shape_and_budget(pair):
@@ -96,3 +160,25 @@ def test_tokenizer_mismatch_and_missing_draft_model_are_refused(pair, default_ck
         check_same_tokenizer(real, target)
     with pytest.raises(ValueError, match="--draft-model"):
         make_drafter("draft-model", target)
+
+
+def test_cli_draft_options_reach_the_drafter(pair):
+    from paratree.cli import _drafter_options, build_parser
+
+    args = build_parser().parse_args(["generate", "x", "--drafter", "draft-model", "--draft-model", "m",
+                                      "--draft-depth", "6", "--draft-min-prob", "0.3", "--draft-lookup", "0"])
+    assert _drafter_options(args) == {"draft_model": "m", "draft_width": 1, "draft_depth": 6,
+                                      "draft_min_prob": 0.3, "draft_lookup": 0}
+    defaults = _drafter_options(build_parser().parse_args(["generate", "x", "--drafter", "draft-model"]))
+    assert set(defaults) == {"draft_model", "draft_width"}  # the drafter's own defaults apply
+    target, same, _ = pair
+    import paratree.drafters as drafters
+
+    drafters._DRAFT_LMS[("tiny-same", torch.float64)] = same
+    try:
+        d = make_drafter("draft-model", target, draft_model="tiny-same")
+        assert (d.depth, d.min_prob, d.lookup.max_depth) == (drafters.DRAFT_DEPTH, drafters.DRAFT_MIN_PROB,
+                                                              drafters.DRAFT_LOOKUP)
+        assert make_drafter("draft-model", target, draft_model="tiny-same", draft_lookup=0).lookup is None
+    finally:
+        del drafters._DRAFT_LMS[("tiny-same", torch.float64)]

@@ -161,3 +161,21 @@ def test_packed_cpu_linears_match_stock_linears(tiny_ckpts, dtype):
             outs.append(r.verify(tree).logits.float())
         scale = outs[1].abs().max()
         assert (outs[0] - outs[1]).abs().max() <= tol * scale, n
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", "fp64"), ("qwen2", "fp32"), ("qwen3", "fp64")])
+def test_hf_twin_shares_weight_memory_and_equals_from_pretrained(tiny_ckpts, arch, dtype):
+    from paratree.models.loader import hf_twin, parse_dtype
+
+    lm = load_model(str(tiny_ckpts[arch]), dtype, tokenizer=False)
+    twin = hf_twin(lm)
+    extra = [t for m in lm.model.modules() for t in (getattr(m, "plain", None), getattr(m, "bias", None))]
+    own = [*lm.model.state_dict().values(), *(t for t in extra if isinstance(t, torch.Tensor))]
+    own_storages = {t.untyped_storage().data_ptr() for t in own}
+    for name, p in twin.named_parameters():
+        assert p.untyped_storage().data_ptr() in own_storages, name
+    ids = torch.arange(3, 19).view(1, -1)
+    with fp64_exact(), torch.no_grad():
+        ref = load_hf(tiny_ckpts[arch]).to(parse_dtype(dtype))(ids).logits
+        got = twin(ids).logits
+    assert torch.equal(got, ref)

@@ -277,22 +277,23 @@ class Bench:
         return self._runner
 
     def hf_model(self):
+        """HF transformers on the same weights (shared memory: a 1.5B target and its twin fit together)."""
         if self._hf is None:
-            from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
 
+            from ..models.loader import hf_twin
+
             hf_logging.set_verbosity_error()
-            self._hf = AutoModelForCausalLM.from_pretrained(self.lm.path, dtype=self.dtype).eval()
+            self._hf = hf_twin(self.lm)
         return self._hf
 
     def assistant_model(self):
+        """The hf-assisted draft model, sharing weights with the draft-model drafter's copy of it."""
         if self._assistant is None:
-            from transformers import AutoModelForCausalLM
+            from ..drafters import draft_lm
+            from ..models.loader import hf_twin
 
-            from ..models.loader import checkpoint_dir
-
-            _, path = checkpoint_dir(self.cfg.assistant)
-            self._assistant = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).eval()
+            self._assistant = hf_twin(draft_lm(self.cfg.assistant, self.dtype))
         return self._assistant
 
     def auto_profile(self):

@@ -22,6 +22,11 @@ DRAFTERS = ("plain", "ngram", "ngram-chain", "draft-model", *HEAD_DRAFTERS)
 
 
 _DRAFT_LMS: dict = {}
+# draft-model defaults: draft up to DRAFT_DEPTH tokens, stopping at the first one the draft model
+# itself gives less than DRAFT_MIN_PROB (HF assisted generation's assistant_confidence_threshold).
+DRAFT_DEPTH = 10
+DRAFT_MIN_PROB = 0.4
+DRAFT_LOOKUP = 8  # staged drafting: the draft model checks up to 8 prompt-lookup tokens in one forward
 
 
 def shipped_head(model_name: str, family: str) -> Path | None:
@@ -35,6 +40,17 @@ def default_drafter(model_name: str) -> str:
     return "jetspec" if shipped_head(model_name, "jetspec") else "ngram"
 
 
+def draft_lm(spec: str, dtype):
+    """The draft model `spec`, loaded once per process (bench builds the drafter for every budget
+    and its hf-assisted peer runs on the same weights)."""
+    from ..models.loader import load_model
+
+    key = (str(spec), dtype)
+    if key not in _DRAFT_LMS:
+        _DRAFT_LMS[key] = load_model(spec, dtype)
+    return _DRAFT_LMS[key]
+
+
 def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 8, **options) -> Drafter:
     """Build the drafter called `name` for the loaded target `lm`."""
     if name == "plain":
@@ -44,20 +60,17 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
     if name == "ngram-chain":
         return NGramDrafter(tree=False, **options)
     if name == "draft-model":
-        from ..models.loader import load_model
         from .draft_model import DraftModelDrafter, check_same_tokenizer
 
         spec = options.pop("draft_model", None)
         if not spec:
             raise ValueError("--drafter draft-model needs --draft-model NAME|PATH (a small LM with the target's "
                              "tokenizer, e.g. qwen2.5-coder-0.5b for qwen2.5-coder-1.5b)")
-        dtype = next(lm.model.parameters()).dtype
-        key = (str(spec), dtype)
-        if key not in _DRAFT_LMS:  # one load per process (bench builds the drafter for every budget)
-            _DRAFT_LMS[key] = load_model(spec, dtype)
-        draft_lm = _DRAFT_LMS[key]
-        check_same_tokenizer(lm, draft_lm)
-        return DraftModelDrafter(draft_lm, depth=options.pop("draft_depth", 5), width=options.pop("draft_width", 1),
+        small = draft_lm(spec, next(lm.model.parameters()).dtype)
+        check_same_tokenizer(lm, small)
+        return DraftModelDrafter(small, depth=options.pop("draft_depth", DRAFT_DEPTH),
+                                 width=options.pop("draft_width", 1), min_prob=options.pop("draft_min_prob", DRAFT_MIN_PROB),
+                                 lookup=options.pop("draft_lookup", DRAFT_LOOKUP),
                                  vocab_size=lm.config.vocab_size, **options)
     if name in HEAD_DRAFTERS:
         from .block_drafter import BlockHeadDrafter

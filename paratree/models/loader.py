@@ -319,3 +319,23 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         pack_for_cpu(model)
     tok = AutoTokenizer.from_pretrained(ckpt) if tokenizer else None
     return LoadedModel(name=name, path=ckpt, model=model, tokenizer=tok, config=cfg)
+
+
+def hf_twin(lm: LoadedModel):
+    """A Hugging Face transformers model of `lm` that shares its weight memory (for peers and tests).
+
+    Falls back to a fresh `from_pretrained` when the weights cannot be viewed (bf16 packed-only
+    linears). Either way it is the same checkpoint, in the same dtype.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from .transformer import hf_state_dict
+
+    dtype = lm.model.embed.weight.dtype
+    sd = hf_state_dict(lm.model)
+    if sd is None:
+        return AutoModelForCausalLM.from_pretrained(lm.path, dtype=dtype).eval()
+    config = AutoConfig.from_pretrained(lm.path)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return cls.from_pretrained(None, config=config, state_dict=sd, dtype=dtype).eval()

@@ -229,6 +229,44 @@ def pack_for_cpu(model: "Transformer") -> bool:
     return True
 
 
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor] | None:
+    """The model's weights under Hugging Face names, as views of its own tensors (no copy).
+
+    The inverse of `load_hf_state_dict`: fused q|k|v and gate|up rows split back into
+    contiguous views. Lets the benchmark's HF peers run on the very same memory, so a
+    1.5B target and its HF twin do not need two copies. None if a Linear keeps only a
+    packed layout (bf16), which has no plain weight to view.
+    """
+    cfg = model.cfg
+
+    def weight(lin):
+        return lin.plain if isinstance(lin, PackedLinear) else lin.weight
+
+    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = model.lm_head.weight
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        a, m = layer.attn, layer.mlp
+        ws = [weight(a.wqkv), weight(a.wo), weight(m.w13), weight(m.w2)]
+        if any(w is None for w in ws):
+            return None
+        for n, w in zip("qkv", ws[0].split([q, kv, kv])):
+            sd[p + f"self_attn.{n}_proj.weight"] = w
+        if cfg.attention_bias:
+            for n, b in zip("qkv", a.wqkv.bias.split([q, kv, kv])):
+                sd[p + f"self_attn.{n}_proj.bias"] = b
+        if cfg.qk_norm:
+            sd[p + "self_attn.q_norm.weight"], sd[p + "self_attn.k_norm.weight"] = a.q_norm.weight, a.k_norm.weight
+        sd[p + "self_attn.o_proj.weight"] = ws[1]
+        sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = ws[2].split(cfg.intermediate_size)
+        sd[p + "mlp.down_proj.weight"] = ws[3]
+        sd[p + "input_layernorm.weight"] = layer.attn_norm.weight
+        sd[p + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
+    return sd
+
+
 def load_hf_state_dict(model: Transformer, sd: dict[str, torch.Tensor]) -> None:
     """Copy Hugging Face-named weights into the fused layout, failing loudly on gaps."""
     cfg = model.cfg

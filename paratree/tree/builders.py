@@ -67,6 +67,7 @@ def build_chain_with_siblings(
     depth: int,
     width: int,
     token_map: Sequence[int] | None = None,
+    min_prob: float = 0.0,
 ) -> DraftTree:
     """An autoregressive drafter's tree: the greedy chain, plus its width-1 runner-up tokens as leaves.
 
@@ -74,6 +75,10 @@ def build_chain_with_siblings(
     chain token just chosen (a target id) and returns the next log-probs. Costs depth - 1 calls.
     token_map maps drafter indices to target ids (a reduced draft vocab). Children are
     deterministic top-k (no q): target-sample matching verifies them losslessly.
+    min_prob stops the chain early once the drafter's own probability of the chain token just
+    added falls below it (HF assisted generation's confidence stop): a sequential drafter then
+    spends no steps past the point where it expects rejection. It looks only at draft
+    probabilities, so it cannot bias acceptance.
     """
     toks, parents, depths, cum = [root], [-1], [0], [0.0]
     node, logp = 0, first_logp
@@ -88,6 +93,8 @@ def build_chain_with_siblings(
             depths.append(d + 1)
             cum.append(cum[node] + v)
         node = first
+        if min_prob > 0 and vals[0] < math.log(min_prob):
+            break
         if d + 1 < depth:
             logp = step(toks[first])
     return DraftTree(tokens=torch.tensor(toks), parents=torch.tensor(parents), depths=torch.tensor(depths),
