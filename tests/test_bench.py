@@ -303,5 +303,7 @@ def test_draft_model_and_hf_assisted_share_the_assistant(tiny, cache, tmp_path):
     rows = {r["method"]: r for r in res.rows}
     assert set(rows) == {"plain", "hf-assisted", "draft-model@8"}, res.notes
     dm = rows["draft-model@8"]
-    assert dm["greedy_mismatches"] == 0 and dm["tau"] > 3.0  # the draft is the target itself
+    # The draft is the target itself: every chain it drafts is accepted whole. (Its chains are short:
+    # a random tiny model is unsure, and the draft-model stops at the first token below 0.4.)
+    assert dm["greedy_mismatches"] == 0 and dm["tau"] >= 2.0 and dm["accept_by_depth"][0] > 0.9
     assert rows["hf-assisted"]["greedy_mismatches"] == 0
