@@ -273,7 +273,7 @@ def test_draft_model_drafter_serves_concurrent_requests_losslessly(tiny_dir, tmp
     cost.write_text(json.dumps(FLAT_COST))
     srv = Server("--model", str(tiny_dir), "--dtype", "fp32", "--max-batch", "4", "--max-model-len", "512",
                  "--cost-model", str(cost), "--threads", "1", "--drafter", "draft-model",
-                 "--draft-model", str(tiny_dir), "--draft-depth", "4")
+                 "--draft-model", str(tiny_dir), "--draft-depth", "4", "--draft-min-prob", "0")
     try:
         srv.wait_ready()
         refs = [_reference(pipe, p, 32)[0] for p in PROMPTS[:4]]
