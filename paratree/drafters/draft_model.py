@@ -22,6 +22,8 @@ when the text repeats itself (code, edits, quoted context).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..models.runner import TargetRunner
@@ -99,7 +101,7 @@ class DraftModelDrafter:
         rows = torch.log_softmax(out.logits[:, : self.vocab].float(), -1)
         keep = 0
         while keep < len(guess) and int(rows[keep].argmax()) == guess[keep]:
-            if self.min_prob > 0 and float(rows[keep, guess[keep]].exp()) < self.min_prob:
+            if self.min_prob > 0 and float(rows[keep, guess[keep]]) < math.log(self.min_prob):  # the builder's rule
                 break  # sequential drafting would stop the chain after this token: never fed
             keep += 1
         self.runner.commit(list(range(keep + 1)))
