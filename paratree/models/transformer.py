@@ -229,64 +229,56 @@ def pack_for_cpu(model: "Transformer") -> bool:
     return True
 
 
+def hf_layout(cfg: ModelConfig) -> list[tuple[str, list[str], list[int]]]:
+    """(own parameter name, the Hugging Face names fused into it, their row counts), for every weight.
+
+    The one name mapping between the two layouts, read in both directions: loading fuses
+    q|k|v and gate|up rows; `hf_state_dict` splits them back.
+    """
+    q, kv, ffn = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    out = [("embed.weight", ["model.embed_tokens.weight"], [cfg.vocab_size]),
+           ("norm.weight", ["model.norm.weight"], [cfg.hidden_size])]
+    if not cfg.tie_embeddings:
+        out.append(("lm_head.weight", ["lm_head.weight"], [cfg.vocab_size]))
+    for i in range(cfg.num_layers):
+        p, a, m = f"model.layers.{i}.", f"layers.{i}.attn.", f"layers.{i}.mlp."
+        out.append((a + "wqkv.weight", [p + f"self_attn.{n}_proj.weight" for n in "qkv"], [q, kv, kv]))
+        if cfg.attention_bias:
+            out.append((a + "wqkv.bias", [p + f"self_attn.{n}_proj.bias" for n in "qkv"], [q, kv, kv]))
+        out.append((a + "wo.weight", [p + "self_attn.o_proj.weight"], [cfg.hidden_size]))
+        if cfg.qk_norm:
+            out.append((a + "q_norm.weight", [p + "self_attn.q_norm.weight"], [cfg.head_dim]))
+            out.append((a + "k_norm.weight", [p + "self_attn.k_norm.weight"], [cfg.head_dim]))
+        out.append((m + "w13.weight", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [ffn, ffn]))
+        out.append((m + "w2.weight", [p + "mlp.down_proj.weight"], [cfg.hidden_size]))
+        out.append((f"layers.{i}.attn_norm.weight", [p + "input_layernorm.weight"], [cfg.hidden_size]))
+        out.append((f"layers.{i}.mlp_norm.weight", [p + "post_attention_layernorm.weight"], [cfg.hidden_size]))
+    return out
+
+
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor] | None:
     """The model's weights under Hugging Face names, as views of its own tensors (no copy).
 
-    The inverse of `load_hf_state_dict`: fused q|k|v and gate|up rows split back into
-    contiguous views. Lets the benchmark's HF peers run on the very same memory, so a
-    1.5B target and its HF twin do not need two copies. None if a Linear keeps only a
-    packed layout (bf16), which has no plain weight to view.
+    Lets the benchmark's HF peers run on the very same memory, so a 1.5B target and its
+    HF twin do not need two copies. None if a Linear keeps only a packed layout (bf16),
+    which has no plain weight to view.
     """
-    cfg = model.cfg
-
-    def weight(lin):
-        return lin.plain if isinstance(lin, PackedLinear) else lin.weight
-
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = model.lm_head.weight
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        a, m = layer.attn, layer.mlp
-        ws = [weight(a.wqkv), weight(a.wo), weight(m.w13), weight(m.w2)]
-        if any(w is None for w in ws):
+    sd: dict[str, torch.Tensor] = {}
+    for own, names, rows in hf_layout(model.cfg):
+        mod_name, _, attr = own.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        t = mod.plain if isinstance(mod, PackedLinear) and attr == "weight" else getattr(mod, attr)
+        if t is None:
             return None
-        for n, w in zip("qkv", ws[0].split([q, kv, kv])):
-            sd[p + f"self_attn.{n}_proj.weight"] = w
-        if cfg.attention_bias:
-            for n, b in zip("qkv", a.wqkv.bias.split([q, kv, kv])):
-                sd[p + f"self_attn.{n}_proj.bias"] = b
-        if cfg.qk_norm:
-            sd[p + "self_attn.q_norm.weight"], sd[p + "self_attn.k_norm.weight"] = a.q_norm.weight, a.k_norm.weight
-        sd[p + "self_attn.o_proj.weight"] = ws[1]
-        sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = ws[2].split(cfg.intermediate_size)
-        sd[p + "mlp.down_proj.weight"] = ws[3]
-        sd[p + "input_layernorm.weight"] = layer.attn_norm.weight
-        sd[p + "post_attention_layernorm.weight"] = layer.mlp_norm.weight
+        sd.update(zip(names, t.split(rows)))
     return sd
 
 
 def load_hf_state_dict(model: Transformer, sd: dict[str, torch.Tensor]) -> None:
     """Copy Hugging Face-named weights into the fused layout, failing loudly on gaps."""
     cfg = model.cfg
-    own: dict[str, torch.Tensor] = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    own = {o: sd[names[0]] if len(names) == 1 else torch.cat([sd[n] for n in names]) for o, names, _ in hf_layout(cfg)}
     own["lm_head.weight"] = sd["model.embed_tokens.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        a = f"layers.{i}.attn."
-        own[a + "wqkv.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        if cfg.attention_bias:
-            own[a + "wqkv.bias"] = torch.cat([sd[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
-        own[a + "wo.weight"] = sd[p + "self_attn.o_proj.weight"]
-        if cfg.qk_norm:
-            own[a + "q_norm.weight"] = sd[p + "self_attn.q_norm.weight"]
-            own[a + "k_norm.weight"] = sd[p + "self_attn.k_norm.weight"]
-        m = f"layers.{i}.mlp."
-        own[m + "w13.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-        own[m + "w2.weight"] = sd[p + "mlp.down_proj.weight"]
-        own[f"layers.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        own[f"layers.{i}.mlp_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
     dt = next(model.parameters()).dtype
     model.load_state_dict({k: v.to(dt) for k, v in own.items()}, strict=True)
     if cfg.tie_embeddings:  # share one tensor instead of holding the vocab matrix twice
