@@ -63,12 +63,12 @@ def cmd_generate(args) -> int:
 
     params = _sampling(args)
     budget = parse_budget(args.budget)
-    if args.drafter is None:  # a given head is a JetSpec head; packaged models may ship one
-        from .drafters import default_drafter
+    if args.drafter is None:  # a given head picks its family's tree drafter; packaged models record theirs
+        from .drafters import default_drafter, drafter_for_head
         from .models.loader import DEFAULT_MODEL, PACKAGED
 
         spec = args.model or DEFAULT_MODEL
-        args.drafter = "jetspec" if args.head else default_drafter(spec) if spec in PACKAGED else "ngram"
+        args.drafter = drafter_for_head(args.head) if args.head else default_drafter(spec) if spec in PACKAGED else "ngram"
     opts = _drafter_options(args)
     pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=32 if budget == "auto" else budget,
                          max_len=args.max_model_len, **opts)

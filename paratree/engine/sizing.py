@@ -5,8 +5,9 @@ realistic KV-cache length, the draft latency of every drafter and the fixed
 per-round overhead, and stores them as a JSON profile under the paratree cache
 dir. `AutoSizer` then prunes each proposed tree to the prefix that maximises
 expected accepted tokens per second (`tree.cost.size_tree`). Acceptance per node
-comes from the drafter's own `cum_logp` when the tree carries it, else from a
-per-(depth, rank) acceptance table learned online over the run.
+comes from the drafter's own probabilities when the tree carries them (`cum_logp`),
+calibrated online against verify outcomes, else from a per-(depth, rank) acceptance
+table learned online over the run.
 
 Pruning keeps a prefix of the tree, which is itself a valid tree, so it never
 changes what is generated, only how fast.
@@ -246,12 +247,53 @@ def get_profile(lm: LoadedModel, calibrate_if_missing: bool = True, quick: bool 
 
 
 # -- online sizing -----------------------------------------------------------------------
+class ProbCalibration:
+    """Online map from a draft node's own conditional probability to how often the target
+    really picks it (given its parent was reached), per depth bucket and log-probability bin.
+
+    Why: a CPU-trained head's probabilities are far from calibrated (measured: the tree's
+    top depth-1 child is accepted ~70% of the time while the head gives it ~30%), and sizing
+    on raw `exp(cum_logp)` then prunes the tree to 2-3 nodes. Each bin starts at the
+    drafter's own probability (weight `prior_weight`) and moves to the observed hit rate.
+    """
+
+    EDGES = (-6.0, -4.0, -3.0, -2.3, -1.6, -1.2, -0.9, -0.6, -0.4, -0.2, -0.1)  # log p bin edges
+    DEPTHS = 4  # buckets: depth 1, 2, 3, >= 4
+
+    def __init__(self, prior_weight: float = 4.0):
+        self.prior_weight = prior_weight
+        nb = len(self.EDGES) + 1
+        self.hits = torch.zeros(self.DEPTHS, nb, dtype=torch.float64)
+        self.visits = torch.zeros(self.DEPTHS, nb, dtype=torch.float64)
+        self._edges = torch.tensor(self.EDGES, dtype=torch.float64)
+
+    def _cells(self, cond_logp: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (depths.clamp(1, self.DEPTHS) - 1), torch.bucketize(cond_logp.double(), self._edges)
+
+    def observe(self, cond_logp: torch.Tensor, depths: torch.Tensor, hit: torch.Tensor) -> None:
+        d, b = self._cells(cond_logp, depths)
+        self.visits.index_put_((d, b), torch.ones_like(d, dtype=torch.float64), accumulate=True)
+        self.hits.index_put_((d, b), hit.double(), accumulate=True)
+
+    def __call__(self, cond_logp: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+        d, b = self._cells(cond_logp, depths)
+        w = self.prior_weight
+        return (self.hits[d, b] + w * cond_logp.double().exp()) / (self.visits[d, b] + w)
+
+
+def conditional_logp(tree: DraftTree) -> torch.Tensor:
+    """log P_draft(node | parent) from a tree's cumulative draft log-probs (root 0)."""
+    c = tree.cum_logp.double()
+    return c - c[tree.parents.clamp_min(0)] * (tree.parents >= 0)
+
+
 class AutoSizer:
     """sizer(tree) -> the prefix maximising E[accepted tokens] / (draft + overhead + T(n)).
 
-    Per-node acceptance: exp(cum_logp) when the tree has it (`path_accept_prob`), else
-    the product along the path of an empirical P(target picks the rank-r child | depth d),
-    smoothed towards an optimistic prior 0.5 * 0.5**r. The table is updated from every
+    Per-node acceptance: when the tree carries draft probabilities (`cum_logp`), the product
+    along the path of each node's conditional probability calibrated online
+    (`ProbCalibration`); else the product of an empirical P(target picks the rank-r child |
+    depth d), smoothed towards an optimistic prior 0.5 * 0.5**r. Both are updated from every
     verify outcome against the *unpruned* proposal, so pruned-away children are still
     scored whenever the target's bonus token lands on them (no lock-in on a low estimate).
     """
@@ -263,6 +305,7 @@ class AutoSizer:
         self.max_nodes = int(max_nodes or cost.points[-1][0])
         self.prior_weight = prior_weight
         self.profile = AcceptanceProfile(max_depth, width)
+        self.calibration = ProbCalibration()
         self._full: DraftTree | None = None
         self.proposed_nodes: list[int] = []
         self.kept_nodes: list[int] = []
@@ -292,7 +335,13 @@ class AutoSizer:
 
     def node_accept_prob(self, tree: DraftTree) -> torch.Tensor:
         if tree.cum_logp is not None:
-            return path_accept_prob(tree)
+            cond = self.calibration(conditional_logp(tree), tree.depths)
+            out = cond.clone()
+            par = tree.parents.tolist()
+            for i in range(1, tree.num_nodes):  # parents precede children
+                out[i] = out[par[i]] * cond[i]
+            out[0] = 1.0
+            return out
         dep = int(tree.depths.max()) + 1
         width = int(torch.bincount(tree.parents[1:]).max()) if tree.num_nodes > 1 else 1
         return path_accept_prob(tree, self.table(dep, width))
@@ -313,8 +362,17 @@ class AutoSizer:
 
     def observe(self, tree: DraftTree, path: list[int], tokens: list[int]) -> None:
         full = self._full if self._full is not None else tree
-        if full.cum_logp is None and full.num_nodes > 1:
+        if full.num_nodes <= 1:
+            pass
+        elif full.cum_logp is None:
             self.profile.observe_tree(full, path, tokens)
+        else:  # every child of a reached node was tested: a hit iff it is the target's choice
+            kids = full.children()
+            tested = [(c, int(full.tokens[c]) == tok) for node, tok in zip(path, tokens) for c in kids[node]]
+            if tested:
+                idx = torch.tensor([c for c, _ in tested])
+                self.calibration.observe(conditional_logp(full)[idx], full.depths[idx],
+                                         torch.tensor([h for _, h in tested]))
         self._full = None
 
 

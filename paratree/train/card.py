@@ -59,7 +59,7 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
 
         for r in bench_rows:
             lines.append(f"| {r['dataset']} | {r['method']} | {f(r.get('tau'), '.2f')} | "
-                         f"{f(r.get('tokens_per_s'), '.1f')} | {f(r.get('speedup'), '.2f')}x | "
+                         f"{f(r.get('tokens_per_s'), '.1f')} | {f(r.get('speedup'), '.2f')}{'' if r.get('speedup') is None else 'x'} | "
                          f"{f(r.get('greedy_mismatches'), '')} |")
         lines.append("")
     if notes:
