@@ -31,7 +31,7 @@ import torch
 from ..models.loader import LoadedModel, cache_dir, dtype_name
 from ..models.runner import TargetRunner
 from ..tree.builders import AcceptanceProfile, build_best_first
-from ..tree.cost import VerifyCostModel, path_accept_prob, size_tree
+from ..tree.cost import VerifyCostModel, path_accept_prob, path_product, size_tree
 from ..tree.draft_tree import DraftTree
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -335,13 +335,7 @@ class AutoSizer:
 
     def node_accept_prob(self, tree: DraftTree) -> torch.Tensor:
         if tree.cum_logp is not None:
-            cond = self.calibration(conditional_logp(tree), tree.depths)
-            out = cond.clone()
-            par = tree.parents.tolist()
-            for i in range(1, tree.num_nodes):  # parents precede children
-                out[i] = out[par[i]] * cond[i]
-            out[0] = 1.0
-            return out
+            return path_product(tree, self.calibration(conditional_logp(tree), tree.depths).tolist())
         dep = int(tree.depths.max()) + 1
         width = int(torch.bincount(tree.parents[1:]).max()) if tree.num_nodes > 1 else 1
         return path_accept_prob(tree, self.table(dep, width))
@@ -362,18 +356,19 @@ class AutoSizer:
 
     def observe(self, tree: DraftTree, path: list[int], tokens: list[int]) -> None:
         full = self._full if self._full is not None else tree
-        if full.num_nodes <= 1:
-            pass
-        elif full.cum_logp is None:
-            self.profile.observe_tree(full, path, tokens)
-        else:  # every child of a reached node was tested: a hit iff it is the target's choice
-            kids = full.children()
-            tested = [(c, int(full.tokens[c]) == tok) for node, tok in zip(path, tokens) for c in kids[node]]
-            if tested:
-                idx = torch.tensor([c for c, _ in tested])
-                self.calibration.observe(conditional_logp(full)[idx], full.depths[idx],
-                                         torch.tensor([h for _, h in tested]))
         self._full = None
+        if full.num_nodes <= 1:
+            return
+        if full.cum_logp is None:
+            self.profile.observe_tree(full, path, tokens)
+            return
+        # every child of a reached node was tested: a hit iff it is the target's choice
+        kids = full.children()
+        tested = [(c, int(full.tokens[c]) == tok) for node, tok in zip(path, tokens) for c in kids[node]]
+        if tested:
+            idx = torch.tensor([c for c, _ in tested])
+            self.calibration.observe(conditional_logp(full)[idx], full.depths[idx],
+                                     torch.tensor([h for _, h in tested]))
 
 
 def make_auto_sizer(lm: LoadedModel, drafter: str, calibrate_if_missing: bool = True,

@@ -120,10 +120,19 @@ def path_accept_prob(tree: DraftTree, table: Sequence[Sequence[float]] | None = 
         return tree.cum_logp.double().exp()
     ranks = tree.sibling_ranks().tolist()
     par, dep = tree.parents.tolist(), tree.depths.tolist()
-    out = [1.0] * tree.num_nodes
+    cond = [1.0] * tree.num_nodes
     for i in range(1, tree.num_nodes):
         row = table[dep[par[i]]] if dep[par[i]] < len(table) else []
-        out[i] = out[par[i]] * (row[ranks[i]] if ranks[i] < len(row) else 0.0)
+        cond[i] = row[ranks[i]] if ranks[i] < len(row) else 0.0
+    return path_product(tree, cond)
+
+
+def path_product(tree: DraftTree, cond: Sequence[float]) -> torch.Tensor:
+    """P(path to i accepted) from cond[i] = P(node i accepted | its parent accepted); the root is 1."""
+    par = tree.parents.tolist()
+    out = [1.0] * tree.num_nodes
+    for i in range(1, tree.num_nodes):  # parents precede children
+        out[i] = out[par[i]] * float(cond[i])
     return torch.tensor(out, dtype=torch.float64)
 
 
