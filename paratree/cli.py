@@ -199,10 +199,14 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.trainer import TrainConfig, Trainer
+    from .train.trainer import TrainConfig, Trainer, latest_checkpoint
 
     cfg = TrainConfig.from_file(args.config, device=args.device, output_dir=args.output_dir,
                                 max_steps=args.max_steps, data=args.data)
+    last = latest_checkpoint(cfg.output_dir)
+    if last is not None and not args.resume:  # never silently restart over a killed run's progress
+        raise ValueError(f"{cfg.output_dir} already holds checkpoints (latest {last.name}): pass --resume to "
+                         f"continue that run, or --output-dir DIR to start a new one")
     trainer = Trainer(cfg)
     if args.resume and trainer.resume():
         print(f"resumed from step {trainer.step}", file=sys.stderr)

@@ -180,6 +180,26 @@ def test_calibrate_writes_monotone_profile(tiny, cache, capsys):
     assert prof["draft"]["ngram"]["seconds"] > 0 and prof["round_overhead_s"] >= 0
 
 
+def test_fp32_profile_is_keyed_by_kernels_and_measures_bucket_edges(tiny, cache, tmp_path):
+    from paratree.engine.sizing import calibrate, calibration_sizes, profile_path
+    from paratree.models.loader import load_model
+    from paratree.models.transformer import linear_kernels
+
+    packed, stock = load_model(tiny, "fp32", pack=True), load_model(tiny, "fp32", pack=False)
+    assert profile_path(packed) != profile_path(stock)  # a kernel change never reuses a stale curve
+    kind, buckets = linear_kernels(packed.model)
+    if kind != "mkl":
+        pytest.skip("MKL packed sgemm unavailable on this build")
+    assert linear_kernels(stock.model) == ("stock", ())
+    assert "mkl" in profile_path(packed).name and "stock" in profile_path(stock).name
+    sizes = calibration_sizes(packed, [1, 256])
+    assert all(b in sizes and b + 1 in sizes for b in buckets) and calibration_sizes(stock, [1, 256]) == [1, 256]
+    prof = calibrate(packed, sizes=[1, 8], max_nodes=9, repeats=1, drafters=["ngram"], path=tmp_path / "p.json")
+    assert [n for n, _ in prof["verify_points"]] == sorted({1, 8} | {b for b in buckets if b <= 9}
+                                                          | {b + 1 for b in buckets if b + 1 <= 9})
+    assert prof["linear_kernels"] == ["mkl", list(buckets)]
+
+
 def _random_tree(n, seed=0, cum=True):
     from paratree.tree.builders import build_best_first
 
@@ -263,8 +283,13 @@ def test_generate_with_auto_budget_is_lossless(tiny, cache, capsys):
 def test_interrupt_leaves_valid_partial_output(tiny, cache, tmp_path, monkeypatch):
     from paratree.bench import suite
 
-    def boom(*a, **k):
-        raise KeyboardInterrupt
+    real_run_hf, calls = suite.Bench.run_hf, []
+
+    def boom(self, *a, **k):  # Ctrl-C in hf's second repeat: warm-up, repeat 1, then this
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run_hf(self, *a, **k)
 
     monkeypatch.setattr(suite.Bench, "run_hf", boom)
     cfg = BenchConfig(datasets=["mt_bench"], model=tiny, dtype="fp32", methods=["plain", "hf", "ngram@8"],
@@ -274,8 +299,11 @@ def test_interrupt_leaves_valid_partial_output(tiny, cache, tmp_path, monkeypatc
     res = run_bench(cfg, console=err, out_console=std)
     assert res.interrupted
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["method"] for r in rows] == ["plain"] and rows[0]["repeats_measured"] == 1
-    assert rows[0]["warmup_excluded"] is True
+    # plain had finished its second repeat, hf and ngram had not: the unfinished repeat is dropped
+    # for everyone, so every method is measured on the same (first) repeat
+    assert [r["method"] for r in rows] == ["plain", "hf", "ngram@8"]
+    assert all(r["repeats_run"] == 1 and r["warmup_excluded"] is False and r["n_prompts"] == 1 for r in rows)
+    assert rows[0]["speedup"] == 1.0 and rows[2]["greedy_mismatches"] == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "partial" in md and "| mt_bench | plain |" in md
 
@@ -350,3 +378,28 @@ def test_auto_sizer_calibrates_draft_probabilities():
     assert abs(float(cal(lp, d)) - math.exp(-1.0)) < 1e-12
     cal.observe(lp.repeat(96), d.repeat(96), torch.ones(96))
     assert float(cal(lp, d)) > 0.97 and float(cal(lp, torch.tensor([1]))) < 0.4
+
+
+def test_methods_are_interleaved_prompt_by_prompt(tiny, cache, monkeypatch):
+    """Every prompt is decoded by every method before the next prompt (order rotating), so a slow
+    spell of the machine hits all methods alike."""
+    from paratree.bench import suite
+
+    order = []
+    real = suite.Bench.run_paratree
+
+    def spy(self, gen, ids, i, counter, max_new=None):
+        if max_new is None:  # not a warm-up
+            order.append((i, gen.drafter.name, gen.budget))
+        return real(self, gen, ids, i, counter, max_new=max_new)
+
+    monkeypatch.setattr(suite.Bench, "run_paratree", spy)
+    cfg = BenchConfig(datasets=["gsm8k"], model=tiny, dtype="fp32", methods=["plain", "ngram@4", "ngram@8"],
+                      limit=3, max_new_tokens=6, repeats=1, progress=False)
+    err, std = _consoles()
+    res = run_bench(cfg, console=err, out_console=std)
+    assert [i for i, *_ in order] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    firsts = [order[3 * i][1:] for i in range(3)]
+    assert len(set(firsts)) == 3  # the method that goes first rotates
+    assert [r["method"] for r in res.rows] == ["plain", "ngram@4", "ngram@8"]
+    assert all(r["n_prompts"] == 3 for r in res.rows)

@@ -104,3 +104,24 @@ def test_sampling_with_the_confidence_gate_is_lossless(tiny_ckpts, trained):
         admitted += len(drafter.last_confidences)
     assert g_test(codes, exact) > 1e-3
     assert 0 < admitted  # the gate admitted drafts in some rounds, so the test exercised it
+
+
+def test_model_card_states_the_dspark_loss_and_calibration(trained):
+    from paratree.cli import main
+
+    _, out, _ = trained
+    summary = json.loads((out / "head" / "train_summary.json").read_text())
+    rows = [{"dataset": "gsm8k", "method": "plain", "tau": 1.0, "tokens_per_s": 20.0, "speedup": 1.0,
+             "greedy_mismatches": 0},
+            {"dataset": "gsm8k", "method": "dspark@auto", "tau": 1.6, "tokens_per_s": None, "speedup": None,
+             "greedy_mismatches": 0}]
+    (out / "rows.json").write_text(json.dumps(rows))
+    assert main(["card", "--head", str(out / "head"), "--train-command", "paratree train --config X.yaml",
+                 "--data-command", "paratree data --out D.jsonl", "--bench-json", str(out / "rows.json"),
+                 "--bench-command", "paratree bench …", "--notes", "made in a test"]) == 0
+    card = (out / "head" / "MODEL_CARD.md").read_text()
+    cal = summary["final"]["calibration"]
+    assert card.startswith("# dspark draft head")
+    assert "0.1 CE + 0.9 TV" in card and f"T = {cal['conf_temperature']:.3f}" in card and "kl (" not in card
+    assert f"{summary['train_tokens']} train tokens" in card and "paratree train --config X.yaml" in card
+    assert "| gsm8k | dspark@auto | 1.60 | - | - | 0 |" in card and "made in a test" in card

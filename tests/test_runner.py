@@ -141,22 +141,26 @@ def test_default_model_matches_hf_fp64(default_ckpt):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_packed_cpu_linears_match_stock_linears(tiny_ckpts, dtype):
-    """The oneDNN-packed layout (and fp32's plain-GEMV shortcut for 1-2 rows) computes the same tree logits."""
-    from paratree.models.transformer import GEMV_ROWS, PackedLinear
+    """The packed layouts (oneDNN for bf16; for fp32 the plain GEMV for 1-2 rows, zero-padded MKL
+    buckets up to 64 rows, stock beyond) compute the same tree logits as stock Linears."""
+    from paratree.models.transformer import GEMV_ROWS, MKL_BUCKETS, PackedLinear
 
     packed = load_model(str(tiny_ckpts["qwen2"]), dtype, tokenizer=False, pack=True)
     stock = load_model(str(tiny_ckpts["qwen2"]), dtype, tokenizer=False, pack=False)
     if not isinstance(packed.model.layers[0].mlp.w13, PackedLinear):
         pytest.skip("oneDNN packing unavailable on this build")
-    assert (packed.model.layers[0].attn.wqkv.plain is not None) == (dtype == "fp32")
+    lin = packed.model.layers[0].attn.wqkv
+    assert (lin.plain is not None) == (dtype == "fp32")
+    if dtype == "fp32" and torch.backends.mkl.is_available():
+        assert lin.buckets == tuple(sorted(MKL_BUCKETS))  # a tiny model: every bucket fits
     tol = 1e-4 if dtype == "fp32" else 5e-2
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, packed.config.vocab_size, (12,), generator=g).tolist()
-    for n in (1, GEMV_ROWS, GEMV_ROWS + 1, 17):
+    for n in (1, GEMV_ROWS, GEMV_ROWS + 1, 4, 5, 16, 17, 33, 64, 65):
         tree = DraftTree.chain(torch.randint(0, packed.config.vocab_size, (n,), generator=g).tolist())
         outs = []
         for lm in (packed, stock):
-            r = TargetRunner(lm.model, max_len=64)
+            r = TargetRunner(lm.model, max_len=96)
             r.prefill(prompt)
             outs.append(r.verify(tree).logits.float())
         scale = outs[1].abs().max()

@@ -6,8 +6,8 @@ import torch
 
 from paratree.drafters import NGramDrafter, NoDrafter
 from paratree.engine.generate import Generator
+from paratree.engine.sizing import AcceptanceModel
 from paratree.engine.scheduler import (
-    AcceptanceEstimator,
     EngineRequest,
     QueueFullError,
     Scheduler,
@@ -208,7 +208,7 @@ def test_policy_sizing_is_prefix_and_cost_aware():
     pol = ServePolicy(cost, budget=8, max_batch=16)
     assert pol.flat_tokens >= 16 and pol.switch_batch == pol.flat_tokens // 8
     assert pol.choose_mode(1) == "latency" and pol.choose_mode(16) == "throughput"
-    est = AcceptanceEstimator()
+    est = AcceptanceModel()
     pol.estimator = est
     g = torch.Generator().manual_seed(0)
     trees = [_random_tree(8, 50, g) for _ in range(16)]
@@ -249,3 +249,37 @@ def test_cost_model_is_measured_once_then_loaded(models, tmp_path):
     assert measured and path.is_file()
     again, measured2 = load_or_measure_cost(r, path, sizes=(1, 2, 4), repeats=1)
     assert not measured2 and again.points == cost.points
+
+
+def test_throughput_budget_follows_calibrated_draft_probabilities():
+    """The server's shared verify budget uses the same online-calibrated acceptance model as
+    `--budget auto`: a head that under-states its taken chain gets that chain kept first."""
+    from paratree.tree.builders import build_best_first
+
+    rows = torch.full((4, 40), -9.0)
+    rows[:, :3] = torch.tensor([0.0, -1.0, -2.0])  # token 2 (p ~ 0.09) is the one the target always takes
+    t = build_best_first(3, rows, budget=40, max_depth=3, width=3, keep_q=False)  # the full 3-ary tree
+    kids = t.children()
+    chain, node = [0], 0
+    while (c := [k for k in kids[node] if int(t.tokens[k]) == 2]):
+        node = c[0]
+        chain.append(node)
+    assert len(chain) == 4
+    from paratree.engine.sizing import AutoSizer
+
+    pol = ServePolicy(STEEP, budget=40, max_batch=4)
+    sizer = AutoSizer(STEEP)
+    before = pol.estimator.node_probs(t)
+    for _ in range(80):
+        taken = [int(t.tokens[c]) for c in chain[1:]] + [39]
+        pol.estimator.observe(t, chain, taken)
+        sizer(t)
+        sizer.observe(t, chain, taken)
+    after = pol.estimator.node_probs(t)
+    assert after[chain[2]] > 0.8 > 0.01 > before[chain[2]]
+    assert torch.equal(after, sizer.node_accept_prob(t))  # one acceptance model for server and single stream
+    plan = pol.plan([t, t, t, t])  # throughput mode on a steep curve: every tree is cut to one width
+    kept = plan.trees[0].num_nodes
+    assert kept < t.num_nodes
+    order = plan.perms[0] if plan.perms[0] is not None else torch.arange(t.num_nodes)
+    assert set(chain[: min(kept, len(chain))]) <= set(order[:kept].tolist())  # the learnt chain survives the cut

@@ -146,6 +146,32 @@ def test_block_head_drafting_is_lossless(tiny_ckpts, seqs, tmp_path, family, tre
     assert drafted_losslessly(runner, drafter, seqs[:4], budget=12, check=in_draft_vocab if dv else None) > 0
 
 
+def test_packed_head_drafts_the_same_trees(tiny_ckpts, seqs, tmp_path):
+    """make_drafter packs a head (and its draft-vocab projection) like a packed fp32 target: same trees."""
+    from paratree.drafters import make_drafter
+    from paratree.models.transformer import PackedLinear
+
+    packed = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False, pack=True)
+    stock = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False, pack=False)
+    Trainer(_cfg(tmp_path, max_steps=20, checkpoint_every=0, draft_vocab=40), lm=stock, sequences=seqs,
+            progress=False).fit()
+    drafters = [make_drafter("jetspec", lm, head_path=str(tmp_path / "head"), width=3) for lm in (packed, stock)]
+    if not isinstance(packed.model.layers[0].mlp.w13, PackedLinear):
+        pytest.skip("no packed CPU kernels on this build")
+    assert isinstance(drafters[0].head.fc, PackedLinear) and isinstance(drafters[0].lm_head[0], PackedLinear)
+    assert isinstance(drafters[1].head.fc, torch.nn.Linear)
+    for s in seqs[:4]:
+        prompt = s["ids"][:16]
+        trees = []
+        for d, lm in zip(drafters, (packed, stock)):
+            runner = TargetRunner(lm.model, max_len=64)
+            d.begin(prompt, runner.prefill(prompt[:-1], taps=d.tap_layers))
+            trees.append(d.propose(prompt, 12))
+        a, b = trees
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.parents, b.parents)
+        assert torch.allclose(a.cum_logp, b.cum_logp, atol=1e-4)
+
+
 def drafted_losslessly(runner, drafter, seqs, budget, check=None) -> int:
     """Greedy decoding with `drafter` == plain on each sequence's 8-token prompt; returns accepted drafts."""
     accepted = 0
@@ -182,3 +208,27 @@ def test_conditioned_rows_match_a_block_with_a_real_prefix(tiny_ckpts):
     assert torch.allclose(cond[2], d.block_logits(15, [8])[1], atol=1e-10)
     assert torch.allclose(cond[3], d.block_logits(15, [7, 9])[2], atol=1e-10)
     assert not torch.allclose(cond[1], cond[2])  # siblings get different, branch-specific children
+
+
+def test_cli_refuses_to_restart_over_checkpoints_and_resumes(tiny, tmp_path, capsys):
+    from paratree.cli import EXIT_USER_ERROR, main
+
+    lm = load_model(tiny, "fp32")
+    data = tmp_path / "seqs.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in _sequences(lm, n=8)))
+    out = tmp_path / "run"
+    cfg = {k: v for k, v in vars(_cfg(out, data=str(data), target=tiny,
+                                       target_dtype="fp32")).items()}
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg))
+    part = Trainer(_cfg(out, data=str(data), max_steps=3), lm=lm, progress=False)
+    part.fit()  # a run that stopped at its step-3 checkpoint
+    before = (out / "checkpoints" / "step_0000003" / "head.safetensors").read_bytes()
+    assert main(["train", "--config", str(cfg_file)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "--resume" in err and "step_0000003" in err and "Traceback" not in err
+    assert (out / "checkpoints" / "step_0000003" / "head.safetensors").read_bytes() == before  # untouched
+    assert not (out / "checkpoints" / "step_0000006").exists()
+    assert main(["train", "--config", str(cfg_file), "--resume"]) == 0
+    assert "resumed from step 3" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step_0000006" / "trainer_state.pt").is_file()

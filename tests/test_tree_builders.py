@@ -224,3 +224,16 @@ def test_acceptance_profile():
     p2.observe_tree(t2, [0], [5])  # miss
     assert p2.table() == [[0.0, 0.5]]
     assert profile_caps(prof.table(), 3, tau=0.3, num_depths=3) == [1, 1, 3]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([-math.inf, -3.0, -1.5, -1.0, 0.0, 0.5]), min_size=1, max_size=40),
+       st.integers(0, 12))
+def test_top_children_equals_a_stable_sort_of_the_whole_row(values, cap):
+    """The topk shortcut picks exactly what a stable descending sort would: ties to the lower id, no -inf."""
+    from paratree.tree.builders import _top_children
+
+    logp = torch.tensor(values, dtype=torch.float64)
+    vals, idx = torch.sort(logp, descending=True, stable=True)
+    keep = torch.isfinite(vals[:cap])
+    assert _top_children(logp, cap) == (vals[:cap][keep].tolist(), idx[:cap][keep].tolist())

@@ -6,10 +6,13 @@ assisted generation, only with `--assistant`), and every paratree drafter in
 `paratree.drafters.DRAFTERS` at each tree budget (`name@budget` picks one budget; `auto`
 sizes each tree against this machine's calibrated verify cost).
 
-Timing: each method runs `repeats` times over all prompts; the first repeat is a
-warm-up and is excluded when there are two or more. tokens/s is the median over the
-measured repeats of (new tokens / wall seconds, prefill included). Target forwards are
-counted with a forward pre-hook on the target module, for paratree and HF alike.
+Timing: methods are interleaved. Each prompt is decoded by every method in turn (the
+order rotates from prompt to prompt) before the next prompt starts, so a slow spell of a
+shared machine hits all methods alike and the ratios stay honest. The whole prompt set runs
+`repeats` times; the first repeat is a warm-up and is excluded when there are two or more.
+tokens/s is the median over the measured repeats of (new tokens / wall seconds, prefill
+included). Target forwards are counted with a forward pre-hook on the target module, for
+paratree and HF alike.
 """
 
 from __future__ import annotations
@@ -244,8 +247,32 @@ class _Runs:
         self.proposed: list[int] = []  # auto budget: tree sizes the drafter proposed before pruning
 
     def new_repeat(self):
-        self.repeats.append({"tokens": 0, "seconds": 0.0, "ids": [], "results": [], "forwards": 0, "finish": {}})
+        self.repeats.append({"tokens": 0, "seconds": 0.0, "ids": [], "results": [], "forwards": 0, "finish": {},
+                             "each": []})
         return self.repeats[-1]
+
+    def add(self, new: list[int], seconds: float, forwards: int, result, reason: str) -> None:
+        rep = self.repeats[-1]
+        rep["each"].append((len(new), seconds, forwards, reason))
+        rep["ids"].append(new)
+        rep["results"].append(result)
+        self._total(rep)
+
+    def truncate_last(self, n: int) -> None:
+        """Keep only the first `n` prompts of the last repeat (an interrupted run)."""
+        rep = self.repeats[-1]
+        for k in ("each", "ids", "results"):
+            del rep[k][n:]
+        self._total(rep)
+
+    @staticmethod
+    def _total(rep: dict) -> None:
+        rep["tokens"] = sum(e[0] for e in rep["each"])
+        rep["seconds"] = sum(e[1] for e in rep["each"])
+        rep["forwards"] = sum(e[2] for e in rep["each"])
+        rep["finish"] = {}
+        for e in rep["each"]:
+            rep["finish"][e[3]] = rep["finish"].get(e[3], 0) + 1
 
 
 class Bench:
@@ -503,6 +530,56 @@ def _out_console():
     return c if c.is_terminal else Console(width=220)
 
 
+def _method_failed(result, console, ds: str, spec, e: Exception) -> None:
+    msg = f"{ds} · {spec.label} failed: {type(e).__name__}: {e}"
+    result.notes.append(msg)
+    console.print(f"[red]{msg}[/red]")
+
+
+def _align_partial(live: dict) -> None:
+    """After Ctrl-C: every method keeps the same prompts. An unfinished last repeat is dropped
+    when a finished one exists, else cut to the prompts that every method completed."""
+    if not live:
+        return
+    done = min(len(e[3].repeats[-1]["ids"]) if e[3].repeats else 0 for e in live.values())
+    for e in live.values():
+        runs = e[3]
+        if not runs.repeats:
+            continue
+        if len(runs.repeats) > 1:
+            full = len(runs.repeats[0]["ids"])
+            if len(runs.repeats[-1]["ids"]) < full or done < full:
+                runs.repeats.pop()
+        else:
+            runs.truncate_last(done)
+
+
+def _rows_for(result, bench, cfg, lm, ds: str, specs, live: dict, n_prompts: int) -> None:
+    """Rows of one dataset, in method order, with speedup and greedy mismatches against plain."""
+    plain_ids = plain_tps = None
+    for spec in specs:
+        entry = live.get(spec.label)
+        if entry is None or not entry[3].repeats or not entry[3].repeats[-1]["ids"]:
+            continue
+        gen, runs = entry[1], entry[3]
+        if spec.kind == "paratree" and gen.sizer is not None:
+            runs.proposed = gen.sizer.proposed_nodes
+        row = summarize(spec, ds, runs, cfg, len(runs.repeats[-1]["ids"]) if result.interrupted else n_prompts)
+        row["model"], row["dtype"] = lm.name, cfg.dtype
+        if spec.label == "plain":
+            plain_ids, plain_tps = runs.repeats[-1]["ids"], row["tokens_per_s"]
+        if plain_tps:
+            row["speedup"] = row["tokens_per_s"] / plain_tps
+        if cfg.temperature == 0 and plain_ids is not None:
+            bad = [i for i, (a, b) in enumerate(zip(runs.repeats[-1]["ids"], plain_ids)) if a != b]
+            row["greedy_mismatches"], row["mismatch_prompts"] = len(bad), bad
+        if spec.budget == "auto" and bench.profile is not None:
+            row["profile"] = bench.profile.get("path")
+        result.rows.append(row)
+    if cfg.json_out:
+        _write_json(cfg.json_out, result.rows)
+
+
 # -- the driver -------------------------------------------------------------------------------
 def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     """Run every method on every dataset; write --json / --report even when interrupted (Ctrl-C)."""
@@ -550,66 +627,61 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
                 if not all_ids:
                     continue
                 need = max(len(x) for x in all_ids) + cfg.max_new_tokens + max_budget + 8
-                plain_ids: list[list[int]] | None = None
-                plain_tps: float | None = None
-                for spec in specs:
-                    progress.update(task, description=f"{ds} · {spec.label}")
-                    runs = _Runs()
+                live: dict[str, list] = {}  # label -> [spec, generator (paratree) or None, counter, runs]
+                for spec in specs:  # set-up, then a 4-token warm-up keeps one-time initialisation out of timings
+                    progress.update(task, description=f"{ds} · warm-up {spec.label}")
                     try:
-                        # a 4-token warm-up per method keeps one-time initialisation out of every timing
                         if spec.kind == "paratree":
-                            gen = bench.make_generator(spec, need)
-                            counter = own_counter
+                            gen, counter = bench.make_generator(spec, need), own_counter
                             bench.run_paratree(gen, all_ids[0], 0, counter, max_new=4)
                         else:
-                            model = bench.hf_model()
+                            gen, model = None, bench.hf_model()
                             if hf_counter is None:
                                 hf_counter = ForwardCounter(model)
                             counter = hf_counter
                             bench.run_hf(spec, all_ids[0], 0, counter, max_new=4)
-                        for _rep in range(cfg.repeats):
-                            rep = runs.new_repeat()
-                            for i, ids in enumerate(all_ids):
-                                if spec.kind == "paratree":
-                                    new, dt, fwd, res = bench.run_paratree(gen, ids, i, counter)
-                                    reason = res.finish_reason
-                                else:
-                                    new, dt, fwd, res = bench.run_hf(spec, ids, i, counter)
-                                    reason = "stop" if new and new[-1] in lm.eos_ids else "length"
-                                rep["tokens"] += len(new)
-                                rep["seconds"] += dt
-                                rep["forwards"] += fwd
-                                rep["ids"].append(new)
-                                rep["results"].append(res)
-                                rep["finish"][reason] = rep["finish"].get(reason, 0) + 1
-                                progress.advance(task)
-                        if spec.kind == "paratree" and gen.sizer is not None:
-                            runs.proposed = gen.sizer.proposed_nodes
+                        live[spec.label] = [spec, gen, counter, _Runs()]
                     except KeyboardInterrupt:
                         raise
                     except Exception as e:  # one broken method must not lose the others
-                        msg = f"{ds} · {spec.label} failed: {type(e).__name__}: {e}"
-                        result.notes.append(msg)
-                        console.print(f"[red]{msg}[/red]")
-                        progress.advance(task, len(all_ids) * cfg.repeats - sum(len(r["ids"]) for r in runs.repeats))
-                        continue
-                    row = summarize(spec, ds, runs, cfg, len(all_ids))
-                    row["model"], row["dtype"] = lm.name, cfg.dtype
-                    if spec.label == "plain":
-                        plain_ids, plain_tps = runs.repeats[-1]["ids"], row["tokens_per_s"]
-                    if plain_tps:
-                        row["speedup"] = row["tokens_per_s"] / plain_tps
-                    if cfg.temperature == 0 and plain_ids is not None:
-                        bad = [i for i, (a, b) in enumerate(zip(runs.repeats[-1]["ids"], plain_ids)) if a != b]
-                        row["greedy_mismatches"], row["mismatch_prompts"] = len(bad), bad
-                    if spec.budget == "auto" and bench.profile is not None:
-                        row["profile"] = bench.profile.get("path")
-                    result.rows.append(row)
-                    if cfg.json_out:
-                        _write_json(cfg.json_out, result.rows)
+                        _method_failed(result, console, ds, spec, e)
+                        progress.advance(task, len(all_ids) * cfg.repeats)
+                try:
+                    for _rep in range(cfg.repeats):
+                        for entry in live.values():
+                            entry[3].new_repeat()
+                        for i, ids in enumerate(all_ids):
+                            labels = list(live)
+                            for label in labels[i % len(labels):] + labels[: i % len(labels)] if labels else []:
+                                spec, gen, counter, runs = live[label]
+                                progress.update(task, description=f"{ds} · prompt {i + 1}/{len(all_ids)} · {label}")
+                                try:
+                                    if spec.kind == "paratree":
+                                        new, dt, fwd, res = bench.run_paratree(gen, ids, i, counter)
+                                        reason = res.finish_reason
+                                    else:
+                                        new, dt, fwd, res = bench.run_hf(spec, ids, i, counter)
+                                        reason = "stop" if new and new[-1] in lm.eos_ids else "length"
+                                except KeyboardInterrupt:
+                                    raise
+                                except Exception as e:
+                                    _method_failed(result, console, ds, spec, e)
+                                    del live[label]
+                                    progress.advance(task, len(all_ids) * cfg.repeats - sum(
+                                        len(r["ids"]) for r in runs.repeats))
+                                    continue
+                                runs.add(new, dt, fwd, res, reason)
+                                progress.advance(task)
+                except KeyboardInterrupt:
+                    result.interrupted = True
+                    _align_partial(live)
+                    raise
+                finally:
+                    _rows_for(result, bench, cfg, lm, ds, specs, live, len(all_ids))
     except KeyboardInterrupt:
         result.interrupted = True
-        result.notes.append("interrupted (Ctrl-C): only methods that finished are reported")
+        result.notes.append("interrupted (Ctrl-C): partial rows, every method on the same prompts "
+                            "(an unfinished repeat is dropped)")
         console.print("[yellow]interrupted: writing what finished[/yellow]")
     finally:
         own_counter.close()

@@ -12,12 +12,15 @@ import torch
 
 from ..tree.builders import build_best_first, build_chain
 from ..tree.draft_tree import DraftTree
+from ..models.transformer import pack_linears_for_inference
 from .heads.block import BlockDraftHead
 
 
 class BlockHeadDrafter:
     def __init__(self, head: BlockDraftHead, embed: torch.nn.Embedding, lm_head, name: str, tree: bool = True,
-                 width: int = 8, max_depth: int | None = None, path_conditioned: bool = False):
+                 width: int = 8, max_depth: int | None = None, path_conditioned: bool = False, pack: bool = False):
+        """`pack`: give the draft-vocab projection the target's packed CPU kernels (the head's own
+        Linears are packed by `make_drafter`)."""
         self.head, self.embed, self.lm_head = head.eval(), embed, lm_head
         self.name, self.tree, self.width = name, tree, width
         self.max_depth = min(max_depth or head.cfg.depth, head.cfg.depth)
@@ -29,7 +32,11 @@ class BlockHeadDrafter:
         self.d2t = head.d2t
         if self.d2t is not None:
             w = head.lm_weight(lm_head.weight.detach()).contiguous()
-            self.lm_head = lambda h: torch.nn.functional.linear(h, w)
+            proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, device=w.device)
+            proj.weight = torch.nn.Parameter(w, requires_grad=False)
+            self.lm_head = torch.nn.Sequential(proj)
+            if pack:
+                pack_linears_for_inference(self.lm_head)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ctx_len = 0
         self._last: torch.Tensor | None = None  # fused state of the newest context token (the root's predecessor)

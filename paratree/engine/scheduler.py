@@ -41,12 +41,12 @@ import torch
 
 from ..drafters.base import Drafter, NoDrafter
 from ..models.runner import TargetRunner
-from ..tree.builders import AcceptanceProfile
-from ..tree.cost import VerifyCostModel, path_accept_prob, subtree_prefix
+from ..tree.cost import VerifyCostModel, subtree_prefix
 from ..tree.draft_tree import DraftTree
 from ..verify.accept import accept, accept_batch, stack_trees
 from ..verify.stopping import StopStrings, truncate_emitted
 from ..verify.warp import SamplingParams
+from .sizing import AcceptanceModel
 
 POLICIES = ("adaptive", "latency", "throughput")
 
@@ -155,35 +155,6 @@ class _Seq:
 # ---------------------------------------------------------------------------------------
 # policy
 # ---------------------------------------------------------------------------------------
-class AcceptanceEstimator:
-    """P(node accepted | parent accepted) per (parent depth, sibling rank), learned online.
-
-    Smoothed toward a prior so the first rounds still speculate (and so keep learning).
-    """
-
-    def __init__(self, max_depth: int = 64, width: int = 16, prior: tuple[float, ...] = (0.5, 0.15, 0.07, 0.04),
-                 prior_weight: float = 8.0):
-        self.profile = AcceptanceProfile(max_depth, width)
-        pr = list(prior) + [prior[-1] / 2] * (width - len(prior))
-        self.prior = torch.tensor(pr[:width], dtype=torch.float64)
-        self.w = prior_weight
-        self._table: list[list[float]] | None = None
-
-    def observe(self, tree: DraftTree, path: list[int], tokens: list[int]) -> None:
-        self.profile.observe_tree(tree, path, tokens)
-        self._table = None
-
-    def table(self) -> list[list[float]]:
-        if self._table is None:
-            hits = self.profile.hits.double()
-            visits = self.profile.visits.double()[:, None]
-            self._table = ((hits + self.w * self.prior) / (visits + self.w)).tolist()
-        return self._table
-
-    def node_probs(self, tree: DraftTree) -> torch.Tensor:
-        return path_accept_prob(tree, self.table())
-
-
 def _permute(tree: DraftTree, perm: torch.Tensor) -> DraftTree:
     """Reorder nodes by `perm` (new i = old perm[i]); parents must still precede children."""
     inv = torch.empty_like(perm)
@@ -209,11 +180,11 @@ class ServePolicy:
     """Latency / throughput tree sizing for one batched verify forward."""
 
     def __init__(self, cost: VerifyCostModel, budget: int, max_batch: int, mode: str = "adaptive",
-                 flat_tolerance: float = 0.10, estimator: AcceptanceEstimator | None = None):
+                 flat_tolerance: float = 0.10, estimator: AcceptanceModel | None = None):
         if mode not in POLICIES:
             raise ValueError(f"unknown policy '{mode}': choose from {', '.join(POLICIES)}")
         self.cost, self.budget, self.max_batch, self.mode = cost, budget, max_batch, mode
-        self.estimator = estimator or AcceptanceEstimator()
+        self.estimator = estimator or AcceptanceModel()
         t1 = float(cost.seconds(1))
         ns = torch.arange(1, max(2, budget * max_batch) + 1)
         flat = cost.seconds(ns) <= (1.0 + flat_tolerance) * t1

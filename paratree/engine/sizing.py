@@ -30,13 +30,14 @@ import torch
 
 from ..models.loader import LoadedModel, cache_dir, dtype_name
 from ..models.runner import TargetRunner
+from ..models.transformer import linear_kernels
 from ..tree.builders import AcceptanceProfile, build_best_first
 from ..tree.cost import VerifyCostModel, path_accept_prob, path_product, size_tree
 from ..tree.draft_tree import DraftTree
 
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 QUICK_SIZES = (1, 4, 16, 64, 256)
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: profiles keyed by GEMM kernels, bucket edges measured
 
 
 # -- profile location ------------------------------------------------------------------
@@ -68,7 +69,16 @@ def model_key(lm: LoadedModel) -> str:
 
 def profile_path(lm: LoadedModel, dtype: str | torch.dtype | None = None) -> Path:
     dt = dtype_name(dtype if dtype is not None else lm.model.embed.weight.dtype)
-    return cache_dir() / "profiles" / f"{model_key(lm)}-{dt}-{cpu_signature()}.json"
+    kind, buckets = linear_kernels(lm.model)
+    kernels = kind + ".".join(str(b) for b in buckets)  # e.g. 'mkl4.8.16.32.64': the curve's shape
+    return cache_dir() / "profiles" / f"{model_key(lm)}-{dt}-{kernels}-{cpu_signature()}.json"
+
+
+def calibration_sizes(lm: LoadedModel, base: Sequence[int]) -> list[int]:
+    """`base` plus both sides of every row-bucket edge of the model's GEMM kernels, so a
+    staircase-shaped cost curve is measured at its steps (interpolation would smooth them)."""
+    _, buckets = linear_kernels(lm.model)
+    return sorted(set(base) | {m for b in buckets for m in (b, b + 1)})
 
 
 # -- calibration -----------------------------------------------------------------------
@@ -185,7 +195,8 @@ def calibrate(lm: LoadedModel, sizes: Sequence[int] | None = None, max_nodes: in
               repeats: int = 5, drafters: Sequence[str] | None = None, path: Path | None = None,
               on_point: Callable[[int, float], None] | None = None) -> dict:
     """Measure this machine's verify cost curve and drafter latencies; write and return the profile."""
-    sizes = sorted({int(s) for s in (sizes or CALIBRATION_SIZES) if 1 <= int(s) <= max_nodes} | {1})
+    sizes = sorted({int(s) for s in calibration_sizes(lm, sizes or CALIBRATION_SIZES) if 1 <= int(s) <= max_nodes}
+                   | {1})
     runner = TargetRunner(lm.model, max_len=min(lm.config.max_position, past_len + max(sizes) + 64))
     t_start = time.perf_counter()
     points = measure_verify(runner, sizes, past_len=past_len, repeats=repeats, on_point=on_point)
@@ -200,6 +211,7 @@ def calibrate(lm: LoadedModel, sizes: Sequence[int] | None = None, max_nodes: in
         "host": socket.gethostname(),
         "cpu": cpu_signature(),
         "torch_threads": torch.get_num_threads(),
+        "linear_kernels": [linear_kernels(lm.model)[0], list(linear_kernels(lm.model)[1])],
         "past_len": past_len,
         "repeats": repeats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -287,36 +299,20 @@ def conditional_logp(tree: DraftTree) -> torch.Tensor:
     return c - c[tree.parents.clamp_min(0)] * (tree.parents >= 0)
 
 
-class AutoSizer:
-    """sizer(tree) -> the prefix maximising E[accepted tokens] / (draft + overhead + T(n)).
+class AcceptanceModel:
+    """P(node accepted | parent accepted), learned online from verify outcomes.
 
-    Per-node acceptance: when the tree carries draft probabilities (`cum_logp`), the product
-    along the path of each node's conditional probability calibrated online
-    (`ProbCalibration`); else the product of an empirical P(target picks the rank-r child |
-    depth d), smoothed towards an optimistic prior 0.5 * 0.5**r. Both are updated from every
-    verify outcome against the *unpruned* proposal, so pruned-away children are still
-    scored whenever the target's bonus token lands on them (no lock-in on a low estimate).
+    When a tree carries draft probabilities (`cum_logp`), each node's conditional
+    probability is calibrated online (`ProbCalibration`) and multiplied along its path;
+    else an empirical P(target picks the rank-r child | depth d) is used, smoothed towards
+    an optimistic prior 0.5 * 0.5**r. One model serves single-stream sizing (`AutoSizer`)
+    and the server's shared verify budget (`ServePolicy`), so both size trees alike.
     """
 
-    def __init__(self, cost: VerifyCostModel, fixed_seconds: float = 0.0, max_nodes: int | None = None,
-                 prior_weight: float = 2.0, max_depth: int = 64, width: int = 64):
-        self.cost = cost
-        self.fixed_seconds = fixed_seconds
-        self.max_nodes = int(max_nodes or cost.points[-1][0])
+    def __init__(self, prior_weight: float = 2.0, max_depth: int = 64, width: int = 64):
         self.prior_weight = prior_weight
         self.profile = AcceptanceProfile(max_depth, width)
         self.calibration = ProbCalibration()
-        self._full: DraftTree | None = None
-        self.proposed_nodes: list[int] = []
-        self.kept_nodes: list[int] = []
-
-    @classmethod
-    def from_profile(cls, profile: dict, drafter: str | None = None, **kw) -> "AutoSizer":
-        cost = profile_cost(profile)
-        fixed = float(profile.get("round_overhead_s", 0.0))
-        d = (profile.get("draft") or {}).get(drafter or "", {})
-        fixed += float(d.get("seconds_max", d.get("seconds", 0.0)))
-        return cls(cost, fixed_seconds=fixed, **kw)
 
     def table(self, max_depth: int, width: int) -> list[list[float]]:
         hits = self.profile.hits.double()
@@ -333,12 +329,58 @@ class AutoSizer:
                 rows.append(prior)
         return rows
 
-    def node_accept_prob(self, tree: DraftTree) -> torch.Tensor:
+    def node_probs(self, tree: DraftTree) -> torch.Tensor:
+        """Estimated P(path to node accepted) for every node (root 1)."""
         if tree.cum_logp is not None:
             return path_product(tree, self.calibration(conditional_logp(tree), tree.depths).tolist())
         dep = int(tree.depths.max()) + 1
         width = int(torch.bincount(tree.parents[1:]).max()) if tree.num_nodes > 1 else 1
         return path_accept_prob(tree, self.table(dep, width))
+
+    def observe(self, tree: DraftTree, path: list[int], tokens: list[int]) -> None:
+        """Learn from one verify outcome; `tree` is the drafted (unpruned) tree, `path` its node ids."""
+        if tree.num_nodes <= 1:
+            return
+        if tree.cum_logp is None:
+            self.profile.observe_tree(tree, path, tokens)
+            return
+        # every child of a reached node was tested: a hit iff it is the target's choice
+        kids = tree.children()
+        tested = [(c, int(tree.tokens[c]) == tok) for node, tok in zip(path, tokens) for c in kids[node]]
+        if tested:
+            idx = torch.tensor([c for c, _ in tested])
+            self.calibration.observe(conditional_logp(tree)[idx], tree.depths[idx],
+                                     torch.tensor([h for _, h in tested]))
+
+
+class AutoSizer:
+    """sizer(tree) -> the prefix maximising E[accepted tokens] / (draft + overhead + T(n)).
+
+    Acceptance estimates come from an `AcceptanceModel` updated from every verify outcome
+    against the *unpruned* proposal, so pruned-away children are still scored whenever the
+    target's bonus token lands on them (no lock-in on a low estimate).
+    """
+
+    def __init__(self, cost: VerifyCostModel, fixed_seconds: float = 0.0, max_nodes: int | None = None,
+                 prior_weight: float = 2.0, max_depth: int = 64, width: int = 64):
+        self.cost = cost
+        self.fixed_seconds = fixed_seconds
+        self.max_nodes = int(max_nodes or cost.points[-1][0])
+        self.acceptance = AcceptanceModel(prior_weight, max_depth, width)
+        self._full: DraftTree | None = None
+        self.proposed_nodes: list[int] = []
+        self.kept_nodes: list[int] = []
+
+    @classmethod
+    def from_profile(cls, profile: dict, drafter: str | None = None, **kw) -> "AutoSizer":
+        cost = profile_cost(profile)
+        fixed = float(profile.get("round_overhead_s", 0.0))
+        d = (profile.get("draft") or {}).get(drafter or "", {})
+        fixed += float(d.get("seconds_max", d.get("seconds", 0.0)))
+        return cls(cost, fixed_seconds=fixed, **kw)
+
+    def node_accept_prob(self, tree: DraftTree) -> torch.Tensor:
+        return self.acceptance.node_probs(tree)
 
     def __call__(self, tree: DraftTree) -> DraftTree:
         self._full = tree
@@ -357,18 +399,7 @@ class AutoSizer:
     def observe(self, tree: DraftTree, path: list[int], tokens: list[int]) -> None:
         full = self._full if self._full is not None else tree
         self._full = None
-        if full.num_nodes <= 1:
-            return
-        if full.cum_logp is None:
-            self.profile.observe_tree(full, path, tokens)
-            return
-        # every child of a reached node was tested: a hit iff it is the target's choice
-        kids = full.children()
-        tested = [(c, int(full.tokens[c]) == tok) for node, tok in zip(path, tokens) for c in kids[node]]
-        if tested:
-            idx = torch.tensor([c for c, _ in tested])
-            self.calibration.observe(conditional_logp(full)[idx], full.depths[idx],
-                                     torch.tensor([h for _, h in tested]))
+        self.acceptance.observe(full, path, tokens)
 
 
 def make_auto_sizer(lm: LoadedModel, drafter: str, calibrate_if_missing: bool = True,

@@ -153,41 +153,58 @@ class Transformer(nn.Module):
         return logits, (torch.cat(tapped, dim=-1) if tapped else None)
 
 
-# Rows at or below which the stock fp32 GEMV beats oneDNN's packed GEMM on CPU. Measured on the
-# 2-core AVX-512 dev machine (60 SmolLM2-sized matrices, ms): 1 row 13.5 vs 18.1, 2 rows 13.8 vs
-# 17.9, 4 rows 24.3 vs 19.1, 16 rows 65.3 vs 25.0 (docs/benchmarks.md, "packed fp32 linears").
+# Rows at or below which the stock fp32 GEMV beats the packed GEMMs on CPU. Measured on the
+# 2-core AVX-512 dev machine (120 SmolLM2-sized matrices, ms; stock / oneDNN / MKL packed for
+# exactly that row count): 1 row 21.2 / 29.5 / 22.1, 4 rows 49.3 / 31.8 / 29.0, 8 rows
+# 68.4 / 35.5 / 26.9, 16 rows 111.8 / 50.3 / 38.5, 32 rows 101.2 / 50.1 / 39.2, 64 rows
+# 81.5 / 79.7 / 56.0; 128 rows stock = oneDNN (docs/benchmarks.md, "MKL-packed fp32").
 GEMV_ROWS = 2
+# Row counts MKL's packed sgemm is packed for. MKL packs B for one M: `_mkl_linear` runs the
+# packed kernel only when the input has exactly that many rows, so inputs are zero-padded up
+# to the next bucket. Listed in the order they are kept when memory is short (16 and 64 first:
+# together they cover every tree up to 64 nodes; where only one copy fits, oneDNN's layout,
+# which serves every row count, is kept instead).
+MKL_BUCKETS = (16, 64, 8, 32, 4)
 
 
 class PackedLinear(nn.Module):
-    """A Linear whose weight is also pre-packed in oneDNN's blocked layout (inference only).
+    """A Linear whose weight is also pre-packed for the CPU GEMM kernels (inference only).
 
-    Why: on these CPUs the stock kernels are slow exactly where speculative decoding lives.
-    bf16: the stock GEMV streams ~11 GB/s, the packed layout ~19 GB/s. fp32: a single row is
-    fastest through the stock GEMV, but a 16-row tree through stock `F.linear` costs ~5x one
-    row, against ~1.8x packed. So fp32 keeps both layouts (when memory allows, see
-    `pack_for_cpu`) and picks by row count; bf16 always takes the packed one.
+    Why: on these CPUs the stock kernels are slow exactly where speculative decoding lives:
+    a 16-row tree through stock fp32 `F.linear` costs ~6x one row. fp32 keeps the plain
+    weight (1-2 rows, and more than the largest bucket, where stock equals oneDNN) plus MKL
+    packed copies for `buckets` row counts (a 16-row tree then costs ~1.7x one row; a tree
+    of 3-8 nodes ~1.3x). bf16 (no MKL kernel) always takes oneDNN's packed layout: its stock
+    GEMV streams ~11 GB/s, the packed one ~19 GB/s.
     """
 
-    def __init__(self, linear: nn.Linear, keep_plain: bool):
+    def __init__(self, linear: nn.Linear, keep_plain: bool, buckets: tuple[int, ...] = ()):
         super().__init__()
         self.out_features = linear.out_features
         w = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-        self.plain = w if keep_plain else None
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.plain = w if keep_plain else None
+        self.buckets = tuple(sorted(buckets)) if w.dtype == torch.float32 and keep_plain else ()
+        self.mkl = {m: torch.ops.mkl._mkl_reorder_linear_weight(w, m) for m in self.buckets}
+        self.packed = None if self.buckets else torch.ops.mkldnn._reorder_linear_weight(w, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.plain is not None and x2.shape[0] <= GEMV_ROWS:
-            y = F.linear(x2, self.plain, self.bias)
-        else:
+        rows = x2.shape[0]
+        if self.packed is not None and (self.plain is None or rows > GEMV_ROWS):
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        else:
+            m = next((b for b in self.buckets if b >= rows), 0) if rows > GEMV_ROWS else 0
+            if m:
+                xp = x2 if m == rows else F.pad(x2, (0, 0, 0, m - rows))
+                y = torch.ops.mkl._mkl_linear(xp, self.mkl[m], self.plain, self.bias, m)[:rows]
+            else:
+                y = F.linear(x2, self.plain, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
 def _available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (0 where unknown, which disables the dual layout)."""
+    """MemAvailable from /proc/meminfo (0 where unknown, which disables the extra layouts)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -198,35 +215,72 @@ def _available_bytes() -> int:
     return 0
 
 
-def pack_for_cpu(model: "Transformer") -> bool:
-    """Swap the decoder's Linears for oneDNN-packed ones where supported; returns whether it did.
-
-    bf16: packed only. fp32: packed plus the plain weight for 1-2 row calls, but only if the
-    second copy of the linear weights fits in 60% of the memory available now (a 1.5B target
-    in fp32 does; otherwise fp32 stays on the stock kernels). fp64 (the exactness tests) and
-    other dtypes are left alone.
-    """
-    dt = next(model.parameters()).dtype
+def _pack_plan(dt: torch.dtype, copy_bytes: int) -> tuple[bool, bool, tuple[int, ...]]:
+    """(pack at all?, keep the plain weight?, MKL row buckets) for Linears of `copy_bytes` in `dt`."""
     if dt not in (torch.bfloat16, torch.float32) or not torch.backends.mkldnn.is_available():
-        return False
-    if dt == torch.float32:
-        linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
-        if linear_bytes > 0.6 * _available_bytes():
-            return False
-    keep_plain = dt == torch.float32
+        return False, False, ()
+    if dt == torch.bfloat16:
+        return True, False, ()
+    fit = int(0.6 * _available_bytes() // max(1, copy_bytes))
+    if fit < 1:
+        return False, False, ()
+    return True, True, (MKL_BUCKETS[:fit] if fit >= 2 and torch.backends.mkl.is_available() else ())
+
+
+def _swap_linears(module: nn.Module, keep_plain: bool, buckets: tuple[int, ...]) -> bool:
+    dt = next(module.parameters()).dtype
     try:
-        probe = PackedLinear(nn.Linear(8, 8, bias=True).to(dt), keep_plain)
+        probe = PackedLinear(nn.Linear(8, 8, bias=True).to(dt), keep_plain, buckets[:1])
         probe(torch.zeros(4, 8, dtype=dt))
     except (RuntimeError, AttributeError):
         return False
-    for layer in model.layers:
-        layer.attn.wqkv = PackedLinear(layer.attn.wqkv, keep_plain)
-        layer.attn.wo = PackedLinear(layer.attn.wo, keep_plain)
-        layer.mlp.w13 = PackedLinear(layer.mlp.w13, keep_plain)
-        layer.mlp.w2 = PackedLinear(layer.mlp.w2, keep_plain)
-    # lm_head keeps its plain weight too: draft heads share it (frozen) with the target.
-    model.lm_head_packed = PackedLinear(model.lm_head, keep_plain)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child, keep_plain, buckets))
     return True
+
+
+def pack_for_cpu(model: "Transformer") -> bool:
+    """Swap the decoder's Linears for packed ones where supported; returns whether it did.
+
+    bf16: oneDNN-packed only. fp32: the plain weight plus one MKL-packed copy per row bucket,
+    as many buckets (in `MKL_BUCKETS` order) as fit in 60% of the memory available now
+    (SmolLM2-135M: all five, ~2.7 GB). Where only one copy fits (a 1.5B target in fp32 on a
+    24 GB machine) or MKL is missing, fp32 keeps oneDNN's layout beside the plain weight. fp64
+    (the exactness tests) and other dtypes are left alone.
+    """
+    dt = next(model.parameters()).dtype
+    copy_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+    ok, keep_plain, buckets = _pack_plan(dt, copy_bytes)
+    if not ok or not _swap_linears(model.layers, keep_plain, buckets):
+        return False
+    # lm_head keeps its plain weight too: draft heads share it (frozen) with the target.
+    model.lm_head_packed = PackedLinear(model.lm_head, keep_plain, buckets)
+    return True
+
+
+def pack_linears_for_inference(module: nn.Module) -> bool:
+    """The same packing for a draft head at draft time (a block of D+1 rows is exactly where the
+    stock fp32 kernel is slowest). Inference only: a PackedLinear holds no Parameters."""
+    ps = list(module.parameters())
+    if not ps:
+        return False
+    copy_bytes = sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Linear))
+    ok, keep_plain, buckets = _pack_plan(ps[0].dtype, copy_bytes)
+    return ok and _swap_linears(module, keep_plain, buckets)
+
+
+def linear_kernels(model: "Transformer") -> tuple[str, tuple[int, ...]]:
+    """('stock' | 'onednn' | 'mkl', MKL row buckets): which GEMM kernels the decoder's Linears use.
+
+    The verify cost curve depends on it (a bucketed kernel makes the curve a staircase), so
+    calibration profiles are keyed by it and measure both sides of every bucket edge.
+    """
+    lin = model.layers[0].mlp.w13 if len(model.layers) else None
+    if not isinstance(lin, PackedLinear):
+        return "stock", ()
+    return ("mkl", lin.buckets) if lin.buckets else ("onednn", ())
 
 
 def hf_layout(cfg: ModelConfig) -> list[tuple[str, list[str], list[int]]]:

@@ -6,6 +6,20 @@ import json
 from pathlib import Path
 
 
+def _loss_line(cfg: dict, tc: dict, summary: dict) -> str:
+    if cfg["family"] == "dspark":  # its own mix (train.losses.dspark_loss); `loss` is unused
+        cal = summary["final"].get("calibration") or {}
+        ece = summary["final"].get("eval_ece")
+        return (f"- Loss: 0.1 CE + 0.9 TV on the drafts, plus BCE of the confidence head toward 1 - TV; "
+                f"Markov head rank {tc.get('markov_rank')}"
+                + (f"; held-out confidence ECE {ece:.3f}" if ece is not None else "")
+                + (f", temperature-scaled (T = {cal['conf_temperature']:.3f}, ECE after {cal['ece_after']:.3f})"
+                   if cal else "") + ".")
+    return (f"- Loss: {tc['loss']}" + (f" (temperature {tc['kl_temperature']})" if tc["loss"] == "kl" else
+                                      f" (gamma {tc['gamma']})" if tc["loss"] == "ce_decay" else "")
+            + (f"; un-masked prefix probability {tc['unmask_prob']}" if tc.get("unmask_prob") else ""))
+
+
 def write_model_card(head_dir: str | Path, train_command: str, data_command: str,
                      bench_rows: list[dict] | None = None, bench_command: str = "", notes: str = "") -> Path:
     head_dir = Path(head_dir)
@@ -26,9 +40,7 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         + (f" (predicts over a {cfg['draft_vocab']}-token draft vocab: the most frequent tokens of the "
            f"training responses, mapped back to target ids)." if cfg.get("draft_vocab") else "."),
         f"- Parameters: {summary['head_params'] / 1e6:.2f} M; file: head.safetensors, bf16, {size_mb:.1f} MB.",
-        f"- Loss: {tc['loss']}" + (f" (temperature {tc['kl_temperature']})" if tc["loss"] == "kl" else
-                                  f" (gamma {tc['gamma']})" if tc["loss"] == "ce_decay" else "")
-        + (f"; un-masked prefix probability {tc['unmask_prob']}" if tc.get("unmask_prob") else ""),
+        _loss_line(cfg, tc, summary),
         "",
         "## How it was made",
         "",

@@ -211,6 +211,13 @@ def head_hidden(head: BlockDraftHead, taps: torch.Tensor, anchors: list[int], bl
 
 
 # -- the trainer -------------------------------------------------------------------------
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under `output_dir` (None if there is none)."""
+    ck = Path(output_dir) / "checkpoints"
+    done = sorted(p for p in ck.glob("step_*") if (p / "trainer_state.pt").is_file()) if ck.is_dir() else []
+    return done[-1] if done else None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, lm: LoadedModel | None = None, sequences: list[dict] | None = None,
                  progress: bool = True):
@@ -439,11 +446,9 @@ class Trainer:
         return final
 
     def resume(self) -> bool:
-        ck = self.out / "checkpoints"
-        done = sorted(p for p in ck.glob("step_*") if (p / "trainer_state.pt").is_file()) if ck.is_dir() else []
-        if not done:
+        last = latest_checkpoint(self.out)
+        if last is None:
             return False
-        last = done[-1]
         loaded = type(self.head).load(last, dtype=torch.float32)
         self.head.load_state_dict(loaded.state_dict())
         state = torch.load(last / "trainer_state.pt", weights_only=False)
