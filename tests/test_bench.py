@@ -266,7 +266,8 @@ def test_generate_with_auto_budget_is_lossless(tiny, cache, capsys):
     plain = Generator(runner, NoDrafter(), eos_ids=lm.eos_ids).generate(ids, 48)
     auto = Generator(runner, NGramDrafter(), eos_ids=lm.eos_ids, budget=sizer.max_nodes, sizer=sizer).generate(ids, 48)
     assert auto.token_ids == plain.token_ids
-    assert len(sizer.kept_nodes) == auto.rounds and all(k <= p for k, p in zip(sizer.kept_nodes, sizer.proposed_nodes))
+    assert len(sizer.kept_nodes) == auto.rounds - sizer.gate.skipped  # gated-off rounds draft nothing
+    assert all(k <= p for k, p in zip(sizer.kept_nodes, sizer.proposed_nodes))
     assert max(auto.tree_sizes) <= 256
 
     assert main(["generate", "Tell me about apples.", "--model", tiny, "--dtype", "fp32", "--budget", "auto",
@@ -403,3 +404,53 @@ def test_methods_are_interleaved_prompt_by_prompt(tiny, cache, monkeypatch):
     assert len(set(firsts)) == 3  # the method that goes first rotates
     assert [r["method"] for r in res.rows] == ["plain", "ngram@4", "ngram@8"]
     assert all(r["n_prompts"] == 3 for r in res.rows)
+
+
+def test_payoff_gate_follows_the_faster_measured_rate_and_keeps_probing():
+    from paratree.engine.sizing import PayoffGate
+
+    g = PayoffGate(probe_every=8)
+    choices = []
+    for _ in range(200):
+        d = g.draft_now()
+        choices.append(d)
+        g.observe(d, 3 if d else 1, 0.1 if d else 0.05)  # drafting: 30 tok/s, plain: 20 tok/s
+    assert sum(choices[100:]) >= 85 and not all(choices[100:])  # drafts, with a plain probe now and then
+    g = PayoffGate(probe_every=8)
+    choices = []
+    for _ in range(200):
+        d = g.draft_now()
+        choices.append(d)
+        g.observe(d, 1 if d else 1, 0.2 if d else 0.05)  # drafting never pays
+    late = choices[100:]
+    assert 0 < sum(late) <= 100 // 8 + 1  # plain, with a drafted probe every 8th round
+
+
+def test_auto_sizer_stops_drafting_when_drafts_do_not_pay(tiny, cache):
+    """A drafter whose pass costs more than its drafts earn is switched off by --budget auto,
+    except for probes, and the output is still plain decoding's."""
+    import time
+
+    from paratree.drafters import NGramDrafter, NoDrafter
+    from paratree.engine.generate import Generator
+    from paratree.engine.sizing import AutoSizer
+    from paratree.models.loader import load_model
+    from paratree.models.runner import TargetRunner
+
+    class SlowDrafter(NGramDrafter):
+        calls = 0
+
+        def propose(self, tokens, budget):
+            SlowDrafter.calls += 1
+            time.sleep(0.02)  # a draft pass far dearer than the tiny target's verify
+            return super().propose(tokens, budget)
+
+    lm = load_model(tiny, "fp32")
+    ids = list(range(5, 25))
+    runner = TargetRunner(lm.model, max_len=400)
+    plain = Generator(runner, NoDrafter()).generate(ids, 160)
+    sizer = AutoSizer(VerifyCostModel([(1, 1e-3), (64, 2e-3)]))
+    res = Generator(runner, SlowDrafter(), budget=16, sizer=sizer).generate(ids, 160)
+    assert res.token_ids == plain.token_ids
+    assert sizer.gate.skipped > res.rounds / 2 and SlowDrafter.calls == res.rounds - sizer.gate.skipped
+    assert sizer.gate.rate(False) > sizer.gate.rate(True)

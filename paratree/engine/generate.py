@@ -15,6 +15,7 @@ import torch
 
 from ..drafters.base import Drafter, NoDrafter
 from ..models.runner import ContextOverflowError, TargetRunner
+from ..tree.draft_tree import DraftTree
 from ..verify.accept import accept
 from ..verify.stopping import truncate_emitted
 from ..verify.warp import SamplingParams
@@ -90,6 +91,7 @@ class Generator:
             )
         gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         drafter, taps = self.drafter, self.drafter.tap_layers
+        gate = getattr(self.sizer, "gate", None)  # AutoSizer: draft only while drafting pays
         t0 = time.perf_counter()
         runner.reset()
         prompt_taps = runner.prefill(prompt_ids[:-1], taps=taps) if len(prompt_ids) > 1 else None
@@ -104,13 +106,17 @@ class Generator:
             # The tree may not outgrow the cache; the root itself always fits (need <= max_len).
             room = runner.max_len - runner.lengths[0]
             t1 = time.perf_counter()
-            tree = drafter.propose(tokens, max(1, min(self.budget, room, remaining + 1)))
-            if self.sizer is not None:
-                tree = self.sizer(tree)
+            drafted = gate is None or gate.draft_now()
+            if drafted:
+                tree = drafter.propose(tokens, max(1, min(self.budget, room, remaining + 1)))
+                if self.sizer is not None:
+                    tree = self.sizer(tree)
+            else:  # the gate measured plain decoding faster lately: no draft pass this round
+                tree = DraftTree.chain([tokens[-1]])
             t2 = time.perf_counter()
             out = runner.verify(tree, taps=taps)
             acc = accept(tree, out.logits, params, gen, method=self.method)
-            if self.sizer is not None and hasattr(self.sizer, "observe"):
+            if drafted and self.sizer is not None and hasattr(self.sizer, "observe"):
                 self.sizer.observe(tree, acc.path, acc.tokens)
             runner.commit(acc.path)
             drafter.update(tree.tokens[acc.path].tolist(), None if out.taps is None else out.taps[acc.path])
@@ -122,6 +128,8 @@ class Generator:
             res.accept_depths.append(len(acc.path) - 1)
             emitted, finished = truncate_emitted(acc.tokens, self.eos_ids, remaining)
             res.accepted_per_round.append(len(emitted))
+            if gate is not None:
+                gate.observe(drafted, len(acc.tokens), t3 - t1)
             if finished and emitted and emitted[-1] in self.eos_ids:
                 res.finish_reason = "stop"
             if stop_check is not None:

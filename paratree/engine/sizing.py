@@ -353,6 +353,48 @@ class AcceptanceModel:
                                      torch.tensor([h for _, h in tested]))
 
 
+class PayoffGate:
+    """Skip the draft pass while measured speculation is slower than plain decoding.
+
+    Why: the sizer prunes a tree only after it was drafted, so a head whose drafts do not pay
+    (a weak head on an unfamiliar domain) still costs its draft pass every round; and the cost
+    curve the sizer trusts was measured once, on a machine whose speed drifts. The gate
+    compares *realised* rates: tokens per second of drafted rounds (draft + verify + accept)
+    against plain rounds (root only), each as exponentially averaged tokens over averaged
+    seconds (a ratio of averages, so bursts of long accepted runs count in full). Drafting runs
+    unless it is `margin` slower than plain; one round in `probe_every` runs the other mode,
+    so both rates stay current. Only past rounds decide (non-anticipating), and either choice
+    is a valid tree: the output is the target's own.
+    """
+
+    def __init__(self, probe_every: int = 16, alpha: float = 0.05, margin: float = 0.05):
+        self.probe_every, self.alpha, self.margin = probe_every, alpha, margin
+        self._avg: dict[bool, list[float] | None] = {True: None, False: None}  # drafted? -> [tokens, seconds]
+        self.rounds = 0
+        self.skipped = 0
+
+    def rate(self, drafted: bool) -> float | None:
+        avg = self._avg[drafted]
+        return None if avg is None else avg[0] / max(avg[1], 1e-12)
+
+    def draft_now(self) -> bool:
+        self.rounds += 1
+        spec, plain = self.rate(True), self.rate(False)
+        lead = spec is None or plain is None or spec >= (1.0 - self.margin) * plain
+        out = lead != (self.rounds % self.probe_every == 0)
+        self.skipped += not out
+        return out
+
+    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
+        avg = self._avg[drafted]
+        if avg is None:
+            self._avg[drafted] = [float(tokens), float(seconds)]
+        else:
+            a = self.alpha
+            avg[0] += a * (tokens - avg[0])
+            avg[1] += a * (seconds - avg[1])
+
+
 class AutoSizer:
     """sizer(tree) -> the prefix maximising E[accepted tokens] / (draft + overhead + T(n)).
 
@@ -367,6 +409,7 @@ class AutoSizer:
         self.fixed_seconds = fixed_seconds
         self.max_nodes = int(max_nodes or cost.points[-1][0])
         self.acceptance = AcceptanceModel(prior_weight, max_depth, width)
+        self.gate = PayoffGate()  # the generator asks it whether to draft at all this round
         self._full: DraftTree | None = None
         self.proposed_nodes: list[int] = []
         self.kept_nodes: list[int] = []

@@ -236,9 +236,11 @@ def markdown(res: dict, command: str) -> str:
              "per-user tok/s = mean over requests of completion tokens / request latency (TTFT included).", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
              f"({res.get('threads') or torch.get_num_threads()} thread(s) per server); max_tokens {res['max_tokens']}, {res['duration_s']:.0f} s of "
-             f"client load per level; run {res['started']} ({res['minutes']} min). The machine's cores were shared "
-             f"with other jobs: 1-min load average {res['loadavg_start']:.1f} at the start, "
-             f"{res['loadavg_end']:.1f} at the end, so absolute figures are low and noisy; compare columns.", "",
+             f"client load per level; run {res['started']} ({res['minutes']} min). 1-min load average "
+             f"{res['loadavg_start']:.1f} before the run and {res['loadavg_end']:.1f} at its end (the servers' own "
+             f"load); " + ("other jobs shared the cores, so absolute figures are low and noisy; compare columns."
+                           if res["loadavg_start"] > 0.5 * (os.cpu_count() or 1) else
+                           "no other job ran. Compare columns: this VM's speed drifts between runs."), "",
              "Command:", "", "```bash", command, "```", ""]
     head = "| clients | " + " | ".join(f"{m} agg tok/s | {m} per-user tok/s" for m in modes) + " |"
     lines += [head, "|" + "---|" * (1 + 2 * len(modes))]
