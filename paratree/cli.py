@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="self-distillation data: the target's own responses to training prompts")
     d.add_argument("--out", required=True, help="jsonl file (appended to; a killed run resumes)")
     d.add_argument("--mix", default="gsm8k_train=600,code=400,dolly=250,roleplay=120,self_instruct=50",
-                   help="prompts per source: gsm8k_train, code, dolly, roleplay, self_instruct")
+                   help="prompts per source: gsm8k_train, code, dolly, roleplay, self_instruct, sharegpt")
     _add_model_args(d)
     d.add_argument("--max-new-tokens", type=int, default=192)
     d.add_argument("--batch-size", type=int, default=32)
