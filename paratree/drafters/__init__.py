@@ -36,9 +36,9 @@ def shipped_head(model_name: str, family: str) -> Path | None:
 
 
 # The drafter measured fastest per packaged model, where that is not its JetSpec head. SmolLM2-135M on
-# a 2-core CPU (docs/benchmarks.md, session 5, run C): prompt lookup (ngram@auto) 1.29x plain on GSM8K;
-# the best shipped head, jetspec@auto, 1.25x in the same run (tau ~2.0-2.2 at budgets 16-32 does not
-# pay for a 16-node verify costing ~1.7x a step).
+# a 2-core CPU (docs/benchmarks.md, session 6, GSM8K with the payoff gate, methods interleaved): prompt
+# lookup (ngram@auto) 1.26x plain; the best shipped heads, jetspec@auto and eagle@auto, 1.14x in the
+# same run (tau ~2.0 at budget 16 does not pay for a 16-node verify costing ~1.8x a step).
 MEASURED_DEFAULT = {"smollm2-135m": "ngram"}
 HEAD_FAMILY_DRAFTER = {"jetspec": "jetspec", "dflash": "ddtree", "eagle": "eagle", "dspark": "dspark"}
 
