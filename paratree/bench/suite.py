@@ -547,8 +547,7 @@ def _align_partial(live: dict) -> None:
         if not runs.repeats:
             continue
         if len(runs.repeats) > 1:
-            full = len(runs.repeats[0]["ids"])
-            if len(runs.repeats[-1]["ids"]) < full or done < full:
+            if done < len(runs.repeats[0]["ids"]):  # some method has not finished the last repeat
                 runs.repeats.pop()
         else:
             runs.truncate_last(done)

@@ -203,6 +203,7 @@ def calibrate(lm: LoadedModel, sizes: Sequence[int] | None = None, max_nodes: in
     overhead = measure_round_overhead(lm, runner)
     draft = measure_drafters(lm, drafters, repeats=repeats, max_budget=max(sizes))
     cost = VerifyCostModel(points)
+    kernel_kind, buckets = linear_kernels(lm.model)
     profile = {
         "version": PROFILE_VERSION,
         "model": lm.name,
@@ -211,7 +212,7 @@ def calibrate(lm: LoadedModel, sizes: Sequence[int] | None = None, max_nodes: in
         "host": socket.gethostname(),
         "cpu": cpu_signature(),
         "torch_threads": torch.get_num_threads(),
-        "linear_kernels": [linear_kernels(lm.model)[0], list(linear_kernels(lm.model)[1])],
+        "linear_kernels": [kernel_kind, list(buckets)],
         "past_len": past_len,
         "repeats": repeats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -227,6 +227,11 @@ def _pack_plan(dt: torch.dtype, copy_bytes: int) -> tuple[bool, bool, tuple[int,
     return True, True, (MKL_BUCKETS[:fit] if fit >= 2 and torch.backends.mkl.is_available() else ())
 
 
+def _linear_bytes(module: nn.Module) -> int:
+    """Bytes of one more copy of every Linear weight below `module`."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Linear))
+
+
 def _swap_linears(module: nn.Module, keep_plain: bool, buckets: tuple[int, ...]) -> bool:
     dt = next(module.parameters()).dtype
     try:
@@ -251,8 +256,7 @@ def pack_for_cpu(model: "Transformer") -> bool:
     (the exactness tests) and other dtypes are left alone.
     """
     dt = next(model.parameters()).dtype
-    copy_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
-    ok, keep_plain, buckets = _pack_plan(dt, copy_bytes)
+    ok, keep_plain, buckets = _pack_plan(dt, _linear_bytes(model))
     if not ok or not _swap_linears(model.layers, keep_plain, buckets):
         return False
     # lm_head keeps its plain weight too: draft heads share it (frozen) with the target.
@@ -266,8 +270,7 @@ def pack_linears_for_inference(module: nn.Module) -> bool:
     ps = list(module.parameters())
     if not ps:
         return False
-    copy_bytes = sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Linear))
-    ok, keep_plain, buckets = _pack_plan(ps[0].dtype, copy_bytes)
+    ok, keep_plain, buckets = _pack_plan(ps[0].dtype, _linear_bytes(module))
     return ok and _swap_linears(module, keep_plain, buckets)
 
 
