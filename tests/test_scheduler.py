@@ -1,5 +1,6 @@
 """Continuous batching engine without HTTP: batched verification is exact, requests join/leave freely."""
 
+import time
 
 import pytest
 import torch
@@ -283,3 +284,45 @@ def test_throughput_budget_follows_calibrated_draft_probabilities():
     assert kept < t.num_nodes
     order = plan.perms[0] if plan.perms[0] is not None else torch.arange(t.num_nodes)
     assert set(chain[: min(kept, len(chain))]) <= set(order[:kept].tolist())  # the learnt chain survives the cut
+
+
+class _SlowUselessDrafter:
+    """Drafts a chain of (almost surely) wrong tokens and sleeps 30 ms doing it: speculation that never pays."""
+
+    name = "slow-useless"
+    tap_layers = ()
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def begin(self, prompt_ids, prompt_taps):
+        pass
+
+    def update(self, new_tokens, new_taps):
+        pass
+
+    def propose(self, tokens, budget):
+        time.sleep(0.03)
+        return DraftTree.chain([tokens[-1]] + [(tokens[-1] + 1 + k) % self.vocab for k in range(min(budget, 6) - 1)])
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "latency"])
+def test_payoff_gate_stops_drafting_that_does_not_pay(models, policy):
+    """The adaptive policy measures drafted rounds slower than plain ones and stops drafting (probing
+    now and then); latency mode, the baseline, drafts every round. Output is the target's either way."""
+    lm = models["llama"]
+    V = lm.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, V, (6 + i,), generator=g).tolist() for i in range(3)]
+    truths = [_plain(lm, p, 80) for p in prompts]
+    sched = Scheduler(TargetRunner(lm.model, max_len=128, batch_size=3), drafter_factory=lambda: _SlowUselessDrafter(V),
+                      budget=6, policy=policy, cost=FLAT)
+    handles = [sched.submit(EngineRequest(p, 80)) for p in prompts]
+    sched.run_until_idle()
+    assert [h.result.token_ids for h in handles] == truths
+    rounds = sched.metrics.mode_rounds
+    if policy == "latency":
+        assert rounds["plain"] == 0 and rounds["latency"] > 0
+    else:
+        assert rounds["plain"] > 0.5 * sum(rounds.values()), rounds
+        assert rounds["latency"] >= 16, rounds  # it did try drafting, and keeps probing it

@@ -38,7 +38,9 @@ def shipped_head(model_name: str, family: str) -> Path | None:
 # The drafter measured fastest per packaged model, where that is not its JetSpec head. SmolLM2-135M on
 # a 2-core CPU (docs/benchmarks.md, session 6, GSM8K with the payoff gate, methods interleaved): prompt
 # lookup (ngram@auto) 1.26x plain; the best shipped heads, jetspec@auto and eagle@auto, 1.14x in the
-# same run (tau ~2.0 at budget 16 does not pay for a 16-node verify costing ~1.8x a step).
+# same run (tau ~2.0 at budget 16 does not pay for a 16-node verify costing ~1.8x a step). Session 7,
+# bf16 on an AVX512-BF16 CPU, 20 prompts x 256 tokens per dataset: heads lead on GSM8K (ddtree 1.45x,
+# ngram 1.25x) but ngram leads on HumanEval (1.59x vs <= 1.17x) and MT-Bench (1.82x vs <= 1.09x).
 MEASURED_DEFAULT = {"smollm2-135m": "ngram"}
 HEAD_FAMILY_DRAFTER = {"jetspec": "jetspec", "dflash": "ddtree", "eagle": "eagle", "dspark": "dspark"}
 

@@ -40,7 +40,9 @@ class DSparkDrafter(BlockHeadDrafter):
     def __init__(self, head: DSparkHead, embed, lm_head, name: str = "dspark", max_depth: int | None = None,
                  cost: VerifyCostModel | None = None, threshold: float = 0.1):
         super().__init__(head, embed, lm_head, name=name, tree=False, width=1, max_depth=max_depth)
-        self.lm_w = head.lm_weight(lm_head.weight.detach()).contiguous()
+        # The parent's draft-vocab projection (packed where the drafter is), not a second copy of it.
+        dt = embed.weight.dtype
+        self._project = lambda x: self.lm_head(x.to(dt)).to(x.dtype)
         self.cost, self.threshold = cost, threshold
         self.last_confidences: list[float] = []  # of the positions admitted in the last round
 
@@ -55,7 +57,7 @@ class DSparkDrafter(BlockHeadDrafter):
         chain, logps, confs = [], [], []
         prev, expected, survival = root, 1.0, 1.0
         for k in range(1, max_len + 1):
-            logits, conf_logit = head.sequential(h[k - 1], self.lm_w, torch.tensor(prev))
+            logits, conf_logit = head.sequential(h[k - 1], self._project, torch.tensor(prev))
             c = float(torch.sigmoid(conf_logit.float() / t))
             survival *= c
             if not admit_next(expected, survival, c, k, max_len, self.cost, self.threshold):

@@ -46,7 +46,7 @@ from ..tree.draft_tree import DraftTree
 from ..verify.accept import accept, accept_batch, stack_trees
 from ..verify.stopping import StopStrings, truncate_emitted
 from ..verify.warp import SamplingParams
-from .sizing import AcceptanceModel
+from .sizing import AcceptanceModel, PayoffGate
 
 POLICIES = ("adaptive", "latency", "throughput")
 
@@ -385,6 +385,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self._overhead_s = 0.0  # EMA of per-round time outside the verify forward
+        # Payoff gates, one per batch size (a round's cost and gain both depend on it): the adaptive
+        # and throughput policies skip drafting while drafted rounds measure slower than plain ones.
+        # Latency mode keeps drafting whatever it costs (it is the baseline the others must beat).
+        self._gates: dict[int, PayoffGate] = {}
         self.last_error: str | None = None
 
     # -- submission (any thread) ---------------------------------------------------------
@@ -543,12 +547,17 @@ class Scheduler:
             return False
         runner = self.runner
         t0 = time.perf_counter()
-        drafted = []
-        for s in seqs:
-            remaining = s.req.max_new_tokens - len(s.new)
-            room = self.max_model_len - runner.lengths[s.row]
-            drafted.append(s.drafter.propose(s.tokens, max(1, min(self.budget, room, remaining + 1))))
-        plan = self.policy.plan(drafted, self._overhead_s)
+        gate = None if self.policy.mode == "latency" else self._gates.setdefault(len(seqs), PayoffGate())
+        if gate is None or gate.draft_now():
+            drafted = []
+            for s in seqs:
+                remaining = s.req.max_new_tokens - len(s.new)
+                room = self.max_model_len - runner.lengths[s.row]
+                drafted.append(s.drafter.propose(s.tokens, max(1, min(self.budget, room, remaining + 1))))
+            plan = self.policy.plan(drafted, self._overhead_s)
+        else:  # drafting measured slower than plain decoding at this batch size lately: roots only
+            drafted = [DraftTree.chain([s.tokens[-1]]) for s in seqs]
+            plan = Plan("plain", drafted, drafted, [None] * len(seqs))
         trees = plan.trees
         taps = tuple(sorted({t for s in seqs for t in s.drafter.tap_layers}))
         t1 = time.perf_counter()
@@ -596,6 +605,8 @@ class Scheduler:
         m.note_round(len(seqs), emitted_total)
         other = (t1 - t0) + (t3 - t2)
         self._overhead_s = other if m.rounds == 1 else 0.9 * self._overhead_s + 0.1 * other
+        if gate is not None:
+            gate.observe(plan.mode != "plain", emitted_total, t3 - t0)
         return True
 
     # -- per-sequence bookkeeping ------------------------------------------------------------

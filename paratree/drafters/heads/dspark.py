@@ -37,12 +37,13 @@ class DSparkHead(BlockDraftHead):
     def conf_temperature(self) -> float:
         return float(self.cfg.extra.get("conf_temperature", 1.0))
 
-    def sequential(self, h: torch.Tensor, lm_w: torch.Tensor, prev: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequential(self, h: torch.Tensor, lm_w, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (..., V) and confidence logits (...) for backbone states h (..., H) whose
-        previous chain token (target id) is prev (...)."""
+        previous chain token (target id) is prev (...). `lm_w`: the (draft-vocab) LM head weight,
+        or a callable applying it (the drafter's packed projection)."""
         code = self.markov_in(prev).to(h.dtype)
-        logits = F.linear(h, lm_w.to(h.dtype)) + self.markov_out(code)
+        base = lm_w(h) if callable(lm_w) else F.linear(h, lm_w.to(h.dtype))
+        logits = base + self.markov_out(code)
         return logits, self.conf(torch.cat([h, code], dim=-1)).squeeze(-1)
 
 
