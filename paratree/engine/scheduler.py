@@ -388,7 +388,7 @@ class Scheduler:
         # Payoff gates, one per batch size (a round's cost and gain both depend on it): the adaptive
         # and throughput policies skip drafting while drafted rounds measure slower than plain ones.
         # Latency mode keeps drafting whatever it costs (it is the baseline the others must beat).
-        self._gates: dict[int, PayoffGate] = {}
+        self._gates: collections.defaultdict[int, PayoffGate] = collections.defaultdict(PayoffGate)
         self.last_error: str | None = None
 
     # -- submission (any thread) ---------------------------------------------------------
@@ -547,7 +547,7 @@ class Scheduler:
             return False
         runner = self.runner
         t0 = time.perf_counter()
-        gate = None if self.policy.mode == "latency" else self._gates.setdefault(len(seqs), PayoffGate())
+        gate = None if self.policy.mode == "latency" else self._gates[len(seqs)]
         if gate is None or gate.draft_now():
             drafted = []
             for s in seqs:
