@@ -453,4 +453,4 @@ def test_auto_sizer_stops_drafting_when_drafts_do_not_pay(tiny, cache):
     res = Generator(runner, SlowDrafter(), budget=16, sizer=sizer).generate(ids, 160)
     assert res.token_ids == plain.token_ids
     assert sizer.gate.skipped > res.rounds / 2 and SlowDrafter.calls == res.rounds - sizer.gate.skipped
-    assert sizer.gate.rate(False) > sizer.gate.rate(True)
+    assert sizer.gate.rate("plain") > sizer.gate.rate("draft")

@@ -16,7 +16,10 @@ is the same computation up to float rounding).
 
 Policy ("adaptive"): latency mode (every sequence gets the drafter's full tree budget)
 while the whole batch's full trees fit in the flat part of the measured verify cost
-curve; beyond that, throughput mode: the verify forward's width (rows are padded to the
+curve; beyond that, throughput mode. That cost-curve switch point is only the prior: per
+batch size, a `RateGate` measures the tokens/s rounds of each mode (and of plain, undrafted
+rounds) actually earn and runs the fastest, probing the others. Throughput mode: the
+verify forward's width (rows are padded to the
 widest tree, so a forward of B rows x W nodes costs T(B*W)) is chosen to maximise
 expected emitted tokens / (T(B*W) + round overhead), each tree keeping its W nodes of
 highest estimated P(path accepted) (a (depth, rank) acceptance profile learned online
@@ -46,7 +49,7 @@ from ..tree.draft_tree import DraftTree
 from ..verify.accept import accept, accept_batch, stack_trees
 from ..verify.stopping import StopStrings, truncate_emitted
 from ..verify.warp import SamplingParams
-from .sizing import AcceptanceModel, PayoffGate
+from .sizing import AcceptanceModel, RateGate
 
 POLICIES = ("adaptive", "latency", "throughput")
 
@@ -195,11 +198,18 @@ class ServePolicy:
         self.switch_batch = self.flat_tokens // max(1, budget)
 
     def choose_mode(self, n_seqs: int) -> str:
+        """The cost curve's choice for a batch of `n_seqs` (the gate's prior in adaptive mode)."""
         if self.mode != "adaptive":
             return self.mode
         return "latency" if n_seqs <= self.switch_batch else "throughput"
 
-    def plan(self, trees: list[DraftTree], overhead_s: float = 0.0) -> Plan:
+    def arms(self) -> tuple[str, ...]:
+        """What a round may do under this policy: latency mode always drafts full trees (it is the
+        baseline the others must beat); the others may also fall back to plain, undrafted rounds."""
+        return {"latency": (), "throughput": ("throughput", "plain"),
+                "adaptive": ("latency", "throughput", "plain")}[self.mode]
+
+    def plan(self, trees: list[DraftTree], overhead_s: float = 0.0, mode: str | None = None) -> Plan:
         """Latency mode: the drafted trees as they are. Throughput mode: a shared verify budget.
 
         The batched forward pads every row to the widest tree, so one forward over B rows
@@ -210,7 +220,7 @@ class ServePolicy:
             sum_b E_b(min(W, n_b)) / (T(B * W) + round overhead),
         E_b(k) = 1 + sum of the estimates of tree b's first k - 1 non-root nodes.
         """
-        mode = self.choose_mode(len(trees))
+        mode = mode or self.choose_mode(len(trees))
         if mode == "latency" or all(t.num_nodes == 1 for t in trees):
             return Plan(mode, trees, trees, [None] * len(trees))
         sources, perms, gains = [], [], []
@@ -385,10 +395,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self._overhead_s = 0.0  # EMA of per-round time outside the verify forward
-        # Payoff gates, one per batch size (a round's cost and gain both depend on it): the adaptive
-        # and throughput policies skip drafting while drafted rounds measure slower than plain ones.
-        # Latency mode keeps drafting whatever it costs (it is the baseline the others must beat).
-        self._gates: collections.defaultdict[int, PayoffGate] = collections.defaultdict(PayoffGate)
+        # Rate gates, one per batch size (a round's cost and gain both depend on it): each round runs
+        # the policy's arm (latency / throughput / plain) that measured fastest at that size.
+        arms = policy.arms()
+        self._gates: collections.defaultdict[int, RateGate] | None = (
+            collections.defaultdict(lambda: RateGate(arms)) if arms else None)
         self.last_error: str | None = None
 
     # -- submission (any thread) ---------------------------------------------------------
@@ -547,15 +558,17 @@ class Scheduler:
             return False
         runner = self.runner
         t0 = time.perf_counter()
-        gate = None if self.policy.mode == "latency" else self._gates[len(seqs)]
-        if gate is None or gate.draft_now():
+        gate = None if self._gates is None else self._gates[len(seqs)]
+        prior = self.policy.choose_mode(len(seqs))
+        arm = prior if gate is None else gate.choose(prior)
+        if arm != "plain":
             drafted = []
             for s in seqs:
                 remaining = s.req.max_new_tokens - len(s.new)
                 room = self.max_model_len - runner.lengths[s.row]
                 drafted.append(s.drafter.propose(s.tokens, max(1, min(self.budget, room, remaining + 1))))
-            plan = self.policy.plan(drafted, self._overhead_s)
-        else:  # drafting measured slower than plain decoding at this batch size lately: roots only
+            plan = self.policy.plan(drafted, self._overhead_s, mode=arm)
+        else:  # plain rounds measured fastest at this batch size lately (or a probe): roots only
             drafted = [DraftTree.chain([s.tokens[-1]]) for s in seqs]
             plan = Plan("plain", drafted, drafted, [None] * len(seqs))
         trees = plan.trees
@@ -606,7 +619,7 @@ class Scheduler:
         other = (t1 - t0) + (t3 - t2)
         self._overhead_s = other if m.rounds == 1 else 0.9 * self._overhead_s + 0.1 * other
         if gate is not None:
-            gate.observe(plan.mode != "plain", emitted_total, t3 - t0)
+            gate.observe(arm, emitted_total, t3 - t0)
         return True
 
     # -- per-sequence bookkeeping ------------------------------------------------------------

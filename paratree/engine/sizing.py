@@ -15,6 +15,7 @@ changes what is generated, only how fast.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -354,46 +355,87 @@ class AcceptanceModel:
                                      torch.tensor([h for _, h in tested]))
 
 
-class PayoffGate:
-    """Skip the draft pass while measured speculation is slower than plain decoding.
+class RateGate:
+    """Run whichever arm (a way to do the next round) has the best *measured* tokens per second.
 
-    Why: the sizer prunes a tree only after it was drafted, so a head whose drafts do not pay
-    (a weak head on an unfamiliar domain) still costs its draft pass every round; and the cost
-    curve the sizer trusts was measured once, on a machine whose speed drifts. The gate
-    compares *realised* rates: tokens per second of drafted rounds (draft + verify + accept)
-    against plain rounds (root only), each as exponentially averaged tokens over averaged
-    seconds (a ratio of averages, so bursts of long accepted runs count in full). Drafting runs
-    unless it is `margin` slower than plain; one round in `probe_every` runs the other mode,
-    so both rates stay current. Only past rounds decide (non-anticipating), and either choice
-    is a valid tree: the output is the target's own.
+    Why: a cost model and an acceptance estimate say what a round should earn; the gate checks
+    what rounds did earn, on this machine, with this drafter, on this text. Each arm's rate is
+    exponentially averaged tokens over averaged seconds (a ratio of averages, so bursts of long
+    accepted runs count in full). The caller names a `preferred` arm each round (its model's
+    choice): it runs unless another arm measured more than `margin` faster. Every other arm is
+    probed in turn, at most once per `probe_every` rounds and, when its rounds are slower than
+    the leader's, proportionally less often, so probing costs ~1/probe_every of the time
+    whatever an arm costs. Only past rounds decide (non-anticipating); every arm verifies a valid
+    tree, so the output is the target's whichever runs.
     """
 
-    def __init__(self, probe_every: int = 16, alpha: float = 0.05, margin: float = 0.05):
+    def __init__(self, arms: Sequence[str], probe_every: int = 16, alpha: float = 0.05, margin: float = 0.05):
+        self.arms = tuple(arms)
         self.probe_every, self.alpha, self.margin = probe_every, alpha, margin
-        self._avg: dict[bool, list[float] | None] = {True: None, False: None}  # drafted? -> [tokens, seconds]
+        self._avg: dict[str, list[float]] = {}  # arm -> [tokens, seconds] per round, averaged
+        self._last: dict[str, int] = {}  # arm -> round it last ran
         self.rounds = 0
-        self.skipped = 0
+        self.counts: collections.Counter[str] = collections.Counter()
 
-    def rate(self, drafted: bool) -> float | None:
-        avg = self._avg[drafted]
+    def rate(self, arm: str) -> float | None:
+        avg = self._avg.get(arm)
         return None if avg is None else avg[0] / max(avg[1], 1e-12)
 
-    def draft_now(self) -> bool:
-        self.rounds += 1
-        spec, plain = self.rate(True), self.rate(False)
-        lead = spec is None or plain is None or spec >= (1.0 - self.margin) * plain
-        out = lead != (self.rounds % self.probe_every == 0)
-        self.skipped += not out
-        return out
+    def leader(self, preferred: str) -> str:
+        best = max((a for a in self.arms if a in self._avg), key=lambda a: self.rate(a), default=preferred)
+        pref = self.rate(preferred)
+        return preferred if pref is None or pref >= (1.0 - self.margin) * self.rate(best) else best
 
-    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
-        avg = self._avg[drafted]
+    def choose(self, preferred: str) -> str:
+        if preferred not in self.arms:
+            raise ValueError(f"unknown arm '{preferred}': the gate has {', '.join(self.arms)}")
+        self.rounds += 1
+        lead = self.leader(preferred)
+        lead_s = self._avg[lead][1] if lead in self._avg else None
+        due = []
+        for a in self.arms:
+            if a == lead:
+                continue
+            slow = 1.0 if a not in self._avg or not lead_s else max(1.0, self._avg[a][1] / max(lead_s, 1e-12))
+            waited = self.rounds - self._last.get(a, 0)
+            if waited >= self.probe_every * slow:
+                due.append((waited / slow, a))
+        arm = max(due)[1] if due else lead
+        self._last[arm] = self.rounds
+        self.counts[arm] += 1
+        return arm
+
+    def observe(self, arm: str, tokens: int, seconds: float) -> None:
+        avg = self._avg.get(arm)
         if avg is None:
-            self._avg[drafted] = [float(tokens), float(seconds)]
+            self._avg[arm] = [float(tokens), float(seconds)]
         else:
             a = self.alpha
             avg[0] += a * (tokens - avg[0])
             avg[1] += a * (seconds - avg[1])
+
+
+class PayoffGate(RateGate):
+    """Skip the draft pass while drafted rounds measure slower than plain (root-only) rounds.
+
+    Why: the sizer prunes a tree only after it was drafted, so a head whose drafts do not pay
+    (a weak head on an unfamiliar domain) still costs its draft pass every round; and the cost
+    curve the sizer trusts was measured once, on a machine whose speed drifts.
+    """
+
+    def __init__(self, probe_every: int = 16, alpha: float = 0.05, margin: float = 0.05):
+        super().__init__(("draft", "plain"), probe_every, alpha, margin)
+
+    @property
+    def skipped(self) -> int:
+        return self.counts["plain"]
+
+    def draft_now(self) -> bool:
+        return self.choose("draft") == "draft"
+
+    def observe(self, drafted: bool | str, tokens: int, seconds: float) -> None:
+        arm = drafted if isinstance(drafted, str) else ("draft" if drafted else "plain")
+        super().observe(arm, tokens, seconds)
 
 
 class AutoSizer:

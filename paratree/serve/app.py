@@ -380,7 +380,7 @@ def render_metrics(engine: ServeEngine, http_counts: Counter) -> str:
     metric("paratree_policy_rounds_total", "counter", "Verify rounds per policy mode.",
            [({"mode": k}, n) for k, n in sorted(m.mode_rounds.items())])
     metric("paratree_policy_switch_batch", "gauge",
-           "Largest batch served in latency mode (from the verify cost curve).", [({}, pol.switch_batch)])
+           "Largest batch the verify cost curve puts in latency mode (the rate gates' prior).", [({}, pol.switch_batch)])
     metric("paratree_policy_flat_tokens", "gauge", "Verify tokens within the flat part of the cost curve.",
            [({}, pol.flat_tokens)])
     return "\n".join(lines) + "\n"

@@ -342,7 +342,7 @@ class Trainer:
                 h = head_hidden(self.head, taps, anchors, toks.to(self.device), self.embed_w)
                 if self.cfg.family == "dspark":  # previous chain token, teacher-forced: x_{a+k-1} for depth k
                     prev = torch.tensor(seq["ids"], device=self.device)[idx]
-                    draft, conf = self.head.sequential(h, self.lm_w, prev)
+                    draft, conf = self.head.sequential(h, lambda x: F.linear(x, self.lm_w.to(x.dtype)), prev)
                 else:
                     draft = F.linear(h, self.lm_w.to(h.dtype))
         if self.cfg.family == "dspark":

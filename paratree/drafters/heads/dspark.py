@@ -16,6 +16,8 @@ training (temperature scaling) and stored in the head config.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,12 +39,13 @@ class DSparkHead(BlockDraftHead):
     def conf_temperature(self) -> float:
         return float(self.cfg.extra.get("conf_temperature", 1.0))
 
-    def sequential(self, h: torch.Tensor, lm_w, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequential(self, h: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor],
+                   prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (..., V) and confidence logits (...) for backbone states h (..., H) whose
-        previous chain token (target id) is prev (...). `lm_w`: the (draft-vocab) LM head weight,
-        or a callable applying it (the drafter's packed projection)."""
+        previous chain token (target id) is prev (...). `project` applies the (draft-vocab) LM
+        head: the drafter passes its packed projection, the trainer a plain linear."""
         code = self.markov_in(prev).to(h.dtype)
-        base = lm_w(h) if callable(lm_w) else F.linear(h, lm_w.to(h.dtype))
+        base = project(h)
         logits = base + self.markov_out(code)
         return logits, self.conf(torch.cat([h, code], dim=-1)).squeeze(-1)
 
