@@ -87,6 +87,7 @@ def test_bench_rows_have_required_fields_and_sane_values(quick_run):
     auto = [r for r in rows if r["budget"] == "auto"]
     assert auto and all(Path(r["profile"]).is_file() for r in auto)
     assert "ngram@auto" in table and "speedup" in table
+    assert "ngram: auto" in table and "the best fixed budget (@32)" in table
 
 
 def test_bench_report_files(quick_run):
@@ -99,7 +100,26 @@ def test_bench_report_files(quick_run):
         assert f"]({png})" in md
     assert "paratree bench --quick (test)" in md and "| gsm8k | plain |" in md and "bonus" in md
     assert "Calibration profile" in md
+    assert "Budget sweep" in md and "| gsm8k | ngram |" in md  # ngram@auto against ngram@32
     assert json.loads((rep / "results.json").read_text())[0]["method"] == "plain"
+
+
+def test_budget_sweep_compares_auto_with_every_fixed_budget():
+    from paratree.bench.report import budget_sweep
+
+    def row(ds, drafter, budget, tps):
+        return {"kind": "paratree", "dataset": ds, "drafter": drafter, "budget": budget, "tokens_per_s": tps,
+                "mean_tree_size": 5.0}
+
+    rows = [row("a", "plain", 1, 10.0), row("a", "j", 8, 20.0), row("a", "j", 32, 25.0), row("a", "j", 128, 12.0),
+            row("a", "j", "auto", 24.0), row("b", "j", 16, 30.0), row("b", "j", "auto", 27.0),
+            row("b", "k", 16, 9.0), {"kind": "hf", "dataset": "a", "drafter": None, "budget": None, "tokens_per_s": 50}]
+    got = {(s["dataset"], s["drafter"]): s for s in budget_sweep(rows)}
+    assert set(got) == {("a", "j"), ("b", "j")}  # k has no auto row; plain and HF rows are no drafters
+    a, b = got["a", "j"], got["b", "j"]
+    assert a["best_budget"] == 32 and a["auto_vs_best"] == pytest.approx(0.96) and a["within_tolerance"]
+    assert a["auto_vs_128"] == pytest.approx(2.0)
+    assert b["auto_vs_best"] == pytest.approx(0.9) and not b["within_tolerance"] and b["auto_vs_128"] is None
 
 
 def test_jsonl_field_detection_and_clear_error(tmp_path, capsys):
@@ -180,15 +200,17 @@ def test_calibrate_writes_monotone_profile(tiny, cache, capsys):
     assert prof["draft"]["ngram"]["seconds"] > 0 and prof["round_overhead_s"] >= 0
 
 
-def test_fp32_profile_is_keyed_by_kernels_and_measures_bucket_edges(tiny, cache, tmp_path):
+def test_fp32_profile_is_keyed_by_kernels_and_measures_bucket_edges(tiny, cache, tmp_path, monkeypatch):
     from paratree.engine.sizing import calibrate, calibration_sizes, profile_path
+    from paratree.models.kernels import ENV
     from paratree.models.loader import load_model
     from paratree.models.transformer import linear_kernels
 
+    monkeypatch.setenv(ENV, "mkl")  # the bucketed route, whatever this CPU's timed route is
     packed, stock = load_model(tiny, "fp32", pack=True), load_model(tiny, "fp32", pack=False)
     assert profile_path(packed) != profile_path(stock)  # a kernel change never reuses a stale curve
     kind, buckets = linear_kernels(packed.model)
-    if kind != "mkl":
+    if "mkl" not in kind:
         pytest.skip("MKL packed sgemm unavailable on this build")
     assert linear_kernels(stock.model) == ("stock", ())
     assert "mkl" in profile_path(packed).name and "stock" in profile_path(stock).name
@@ -197,7 +219,7 @@ def test_fp32_profile_is_keyed_by_kernels_and_measures_bucket_edges(tiny, cache,
     prof = calibrate(packed, sizes=[1, 8], max_nodes=9, repeats=1, drafters=["ngram"], path=tmp_path / "p.json")
     assert [n for n, _ in prof["verify_points"]] == sorted({1, 8} | {b for b in buckets if b <= 9}
                                                           | {b + 1 for b in buckets if b + 1 <= 9})
-    assert prof["linear_kernels"] == ["mkl", list(buckets)]
+    assert prof["linear_kernels"] == [kind, list(buckets)]
 
 
 def _random_tree(n, seed=0, cum=True):

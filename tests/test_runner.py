@@ -139,24 +139,33 @@ def test_default_model_matches_hf_fp64(default_ckpt):
     assert _own_greedy(runner, ids[0].tolist(), 64) == ref.tolist()
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_packed_cpu_linears_match_stock_linears(tiny_ckpts, dtype):
-    """The packed layouts (oneDNN for bf16; for fp32 the plain GEMV for 1-2 rows, zero-padded MKL
-    buckets up to 64 rows, stock beyond) compute the same tree logits as stock Linears."""
-    from paratree.models.transformer import GEMV_ROWS, MKL_BUCKETS, PackedLinear
+@pytest.mark.parametrize("dtype,route", [("fp32", "auto"), ("fp32", "onednn"), ("fp32", "mkl"), ("bf16", "auto")])
+def test_packed_cpu_linears_match_stock_linears(tiny_ckpts, dtype, route, monkeypatch):
+    """Every packed route (oneDNN for bf16; for fp32 the route timed on this CPU, oneDNN's layout, and
+    the stock GEMV for 1-2 rows with zero-padded MKL buckets up to 64 rows) computes the same tree
+    logits as stock Linears, on both sides of every bucket edge."""
+    from paratree.models.kernels import ENV, MKL_BUCKETS
+    from paratree.models.transformer import PackedLinear
 
+    monkeypatch.setenv(ENV, route)
     packed = load_model(str(tiny_ckpts["qwen2"]), dtype, tokenizer=False, pack=True)
     stock = load_model(str(tiny_ckpts["qwen2"]), dtype, tokenizer=False, pack=False)
-    if not isinstance(packed.model.layers[0].mlp.w13, PackedLinear):
-        pytest.skip("oneDNN packing unavailable on this build")
     lin = packed.model.layers[0].attn.wqkv
+    if not isinstance(lin, PackedLinear):
+        if dtype == "fp32" and route == "auto":  # the timed route may be the stock kernel itself
+            assert packed.model.kernel_route is not None and packed.model.kernel_route.name == "stock"
+            return
+        pytest.skip("oneDNN packing unavailable on this build")
     assert (lin.plain is not None) == (dtype == "fp32")
-    if dtype == "fp32" and torch.backends.mkl.is_available():
+    if route == "mkl" and torch.backends.mkl.is_available():
         assert lin.buckets == tuple(sorted(MKL_BUCKETS))  # a tiny model: every bucket fits
+        assert lin.route.kernel(2) == "stock" and lin.route.kernel(3) == "mkl" and lin.route.kernel(65) == "stock"
+    if route == "onednn":
+        assert lin.route.kernel(1) == lin.route.kernel(300) == "onednn" and not lin.mkl
     tol = 1e-4 if dtype == "fp32" else 5e-2
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, packed.config.vocab_size, (12,), generator=g).tolist()
-    for n in (1, GEMV_ROWS, GEMV_ROWS + 1, 4, 5, 16, 17, 33, 64, 65):
+    for n in (1, 2, 3, 4, 5, 16, 17, 33, 64, 65):
         tree = DraftTree.chain(torch.randint(0, packed.config.vocab_size, (n,), generator=g).tolist())
         outs = []
         for lm in (packed, stock):
@@ -165,6 +174,31 @@ def test_packed_cpu_linears_match_stock_linears(tiny_ckpts, dtype):
             outs.append(r.verify(tree).logits.float())
         scale = outs[1].abs().max()
         assert (outs[0] - outs[1]).abs().max() <= tol * scale, n
+
+
+def test_kernel_route_takes_the_fastest_kernel_per_row_count_within_memory():
+    """The route follows the timings, keeps only layouts it uses, and trades copies when memory is short."""
+    from paratree.models.kernels import MKL_BUCKETS, ROUTE_POINTS, KernelRoute, choose_route
+
+    # Intel-like: stock fastest at 1-2 rows, MKL from 3 to 64, stock and oneDNN level at 128
+    intel = {"stock": {r: 1.0 + r for r in ROUTE_POINTS}, "onednn": {r: 2.6 + 0.6 * r for r in ROUTE_POINTS},
+             "mkl": {b: 2.5 + 0.3 * b for b in MKL_BUCKETS}}
+    intel["stock"][128] = intel["onednn"][128] = 40.0
+    r = choose_route(intel, fit=5)
+    assert [r.kernel(n) for n in (1, 2, 3, 4, 5, 8, 64)] == ["stock", "stock", "mkl", "mkl", "mkl", "mkl", "mkl"]
+    assert r.buckets == tuple(sorted(MKL_BUCKETS)) and not r.uses_onednn and r.kernel(65) == "stock"
+    assert r.name == "stock2-mkl4.8.16.32.64-stock"
+    one = choose_route(intel, fit=1)  # one copy: oneDNN serves every row count, MKL one bucket only
+    assert one.uses_onednn + len(one.buckets) <= 1
+    assert choose_route(intel, fit=0) == KernelRoute((), "stock")
+    # AMD AVX2-like: oneDNN fastest everywhere, MKL slowest
+    amd = {"stock": {r: 7.0 + r for r in ROUTE_POINTS}, "onednn": {r: 5.0 + 0.3 * r for r in ROUTE_POINTS},
+           "mkl": {b: 14.0 + b for b in MKL_BUCKETS}}
+    r = choose_route(amd, fit=5)
+    assert r == KernelRoute((), "onednn") and r.name == "onednn"
+    assert KernelRoute.from_json(r.to_json()) == r
+    with pytest.raises(ValueError, match="PARATREE_FP32_KERNELS"):
+        KernelRoute.fixed("fast")
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "fp64"), ("qwen2", "fp32"), ("qwen3", "fp64")])

@@ -140,6 +140,41 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget_sweep(rows: list[dict], tolerance: float = 0.05) -> list[dict]:
+    """`auto` against the fixed budgets of the same drafter on the same dataset (issue bar: within
+    `tolerance` of the best fixed budget, and faster than the GPU-style default of 128)."""
+    out = []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("kind") == "paratree" and r.get("drafter") != "plain" and r.get("tokens_per_s"):
+            groups.setdefault((r["dataset"], r["drafter"]), []).append(r)
+    for (ds, drafter), rs in groups.items():
+        auto = next((r for r in rs if r["budget"] == "auto"), None)
+        fixed = [r for r in rs if isinstance(r["budget"], int)]
+        if auto is None or not fixed:
+            continue
+        best = max(fixed, key=lambda r: r["tokens_per_s"])
+        r128 = next((r for r in fixed if r["budget"] == 128), None)
+        ratio = auto["tokens_per_s"] / best["tokens_per_s"]
+        out.append({"dataset": ds, "drafter": drafter, "auto_tokens_per_s": auto["tokens_per_s"],
+                    "auto_mean_tree": auto.get("mean_tree_size"), "best_budget": best["budget"],
+                    "best_tokens_per_s": best["tokens_per_s"], "auto_vs_best": ratio,
+                    "auto_vs_128": None if r128 is None else auto["tokens_per_s"] / r128["tokens_per_s"],
+                    "within_tolerance": ratio >= 1.0 - tolerance})
+    return out
+
+
+def budget_sweep_table(sweep: list[dict]) -> str:
+    lines = ["| dataset | drafter | auto tok/s (mean tree) | best fixed budget (tok/s) | auto / best | auto / @128 | "
+             "within 5% |", "|---|---|---:|---:|---:|---:|---|"]
+    for s in sweep:
+        lines.append(f"| {s['dataset']} | {s['drafter']} | {s['auto_tokens_per_s']:.1f} "
+                     f"({_cell(s['auto_mean_tree'], '{:.1f}')}) | @{s['best_budget']} ({s['best_tokens_per_s']:.1f}) | "
+                     f"{s['auto_vs_best']:.2f}x | {_cell(s['auto_vs_128'], '{:.2f}x')} | "
+                     f"{'yes' if s['within_tolerance'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def write_report(out_dir: str | Path, result, cfg) -> list[str]:
     """Write report.md, results.json and the PNGs; returns the written paths. Never raises on empty rows."""
     out = Path(out_dir)
@@ -185,6 +220,10 @@ def write_report(out_dir: str | Path, result, cfg) -> list[str]:
         markdown_table(rows) if rows else "_no method finished_",
         "",
     ]
+    sweep = budget_sweep(rows)
+    if sweep:
+        md += ["## Budget sweep: `auto` against fixed tree budgets", "",
+               "Same drafter, same dataset, same run; tokens/s as above.", "", budget_sweep_table(sweep), ""]
     if result.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     if result.profile:

@@ -690,6 +690,12 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     if result.rows:
         print_table(result.rows, out_console, title=f"paratree bench · {lm.name} ({cfg.dtype}) · "
                     f"{cfg.max_new_tokens} new tokens · T={cfg.temperature}")
+        from .report import budget_sweep
+
+        for sw in budget_sweep(result.rows):
+            vs128 = "" if sw["auto_vs_128"] is None else f", {sw['auto_vs_128']:.2f}x @128"
+            out_console.print(f"{sw['dataset']} · {sw['drafter']}: auto {sw['auto_tokens_per_s']:.1f} tok/s = "
+                              f"{sw['auto_vs_best']:.2f}x the best fixed budget (@{sw['best_budget']}){vs128}")
     for n in result.notes:
         out_console.print(f"[dim]note: {n}[/dim]")
     if cfg.json_out:

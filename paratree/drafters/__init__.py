@@ -111,7 +111,8 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         from ..models.transformer import linear_kernels, pack_linears_for_inference
 
         # A D+1-row head pass is where stock fp32 kernels are slowest: pack it like the target.
-        packed = linear_kernels(lm.model)[0] != "stock" and pack_linears_for_inference(head)
+        route = getattr(lm.model, "kernel_route", None)
+        packed = linear_kernels(lm.model)[0] != "stock" and pack_linears_for_inference(head, route)
         if family == "dspark":
             from .dspark_drafter import DSparkDrafter
 
@@ -129,7 +130,7 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         lm_head = lm.model.lm_head if head.d2t is not None else (
             getattr(lm.model, "lm_head_packed", None) or lm.model.lm_head)
         return BlockHeadDrafter(head, lm.model.embed, lm_head, name=name, tree=tree, width=width,
-                                path_conditioned=conditioned, pack=packed, **options)
+                                path_conditioned=conditioned, pack=(route or True) if packed else False, **options)
     raise ValueError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
 
 

@@ -19,7 +19,6 @@ import collections
 import hashlib
 import json
 import os
-import platform
 import re
 import socket
 import statistics
@@ -31,6 +30,7 @@ import torch
 
 from ..models.loader import LoadedModel, cache_dir, dtype_name
 from ..models.runner import TargetRunner
+from ..models.kernels import cpu_signature
 from ..models.transformer import linear_kernels
 from ..tree.builders import AcceptanceProfile, build_best_first
 from ..tree.cost import VerifyCostModel, path_accept_prob, path_product, size_tree
@@ -42,22 +42,6 @@ PROFILE_VERSION = 2  # 2: profiles keyed by GEMM kernels, bucket edges measured
 
 
 # -- profile location ------------------------------------------------------------------
-def cpu_signature() -> str:
-    """A short, file-name-safe description of the CPU and the thread count torch uses."""
-    name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                name = line.split(":", 1)[1]
-                break
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or socket.gethostname()
-    name = re.sub(r"\(r\)|\(tm\)|cpu|@.*$", "", name, flags=re.I)
-    name = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:40] or "cpu"
-    return f"{name}-{torch.get_num_threads()}t"
-
-
 def model_key(lm: LoadedModel) -> str:
     """The model's display name, plus a path hash for checkpoint directories (names like 'model' collide)."""
     from ..models.loader import PACKAGED
@@ -70,8 +54,7 @@ def model_key(lm: LoadedModel) -> str:
 
 def profile_path(lm: LoadedModel, dtype: str | torch.dtype | None = None) -> Path:
     dt = dtype_name(dtype if dtype is not None else lm.model.embed.weight.dtype)
-    kind, buckets = linear_kernels(lm.model)
-    kernels = kind + ".".join(str(b) for b in buckets)  # e.g. 'mkl4.8.16.32.64': the curve's shape
+    kernels, _ = linear_kernels(lm.model)  # e.g. 'onednn', 'stock2-mkl4.8.16.32.64-stock': the curve's shape
     return cache_dir() / "profiles" / f"{model_key(lm)}-{dt}-{kernels}-{cpu_signature()}.json"
 
 

@@ -316,7 +316,7 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
     load_hf_state_dict(model, load_weights(ckpt))
     model.eval().requires_grad_(False)
     if pack:
-        pack_for_cpu(model)
+        pack_for_cpu(model, cache_dir())
     tok = AutoTokenizer.from_pretrained(ckpt) if tokenizer else None
     return LoadedModel(name=name, path=ckpt, model=model, tokenizer=tok, config=cfg)
 

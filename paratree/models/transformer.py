@@ -9,11 +9,14 @@ decode step.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kernels import KernelRoute, fp32_route
 
 
 class RMSNorm(nn.Module):
@@ -153,53 +156,41 @@ class Transformer(nn.Module):
         return logits, (torch.cat(tapped, dim=-1) if tapped else None)
 
 
-# Rows at or below which the stock fp32 GEMV beats the packed GEMMs on CPU. Measured on the
-# 2-core AVX-512 dev machine (120 SmolLM2-sized matrices, ms; stock / oneDNN / MKL packed for
-# exactly that row count): 1 row 21.2 / 29.5 / 22.1, 4 rows 49.3 / 31.8 / 29.0, 8 rows
-# 68.4 / 35.5 / 26.9, 16 rows 111.8 / 50.3 / 38.5, 32 rows 101.2 / 50.1 / 39.2, 64 rows
-# 81.5 / 79.7 / 56.0; 128 rows stock = oneDNN (docs/benchmarks.md, "MKL-packed fp32").
-GEMV_ROWS = 2
-# Row counts MKL's packed sgemm is packed for. MKL packs B for one M: `_mkl_linear` runs the
-# packed kernel only when the input has exactly that many rows, so inputs are zero-padded up
-# to the next bucket. Listed in the order they are kept when memory is short (16 and 64 first:
-# together they cover every tree up to 64 nodes; where only one copy fits, oneDNN's layout,
-# which serves every row count, is kept instead).
-MKL_BUCKETS = (16, 64, 8, 32, 4)
-
-
 class PackedLinear(nn.Module):
     """A Linear whose weight is also pre-packed for the CPU GEMM kernels (inference only).
 
-    Why: on these CPUs the stock kernels are slow exactly where speculative decoding lives:
-    a 16-row tree through stock fp32 `F.linear` costs ~6x one row. fp32 keeps the plain
-    weight (1-2 rows, and more than the largest bucket, where stock equals oneDNN) plus MKL
-    packed copies for `buckets` row counts (a 16-row tree then costs ~1.7x one row; a tree
-    of 3-8 nodes ~1.3x). bf16 (no MKL kernel) always takes oneDNN's packed layout: its stock
-    GEMV streams ~11 GB/s, the packed one ~19 GB/s.
+    Why: on these CPUs the stock kernels are slow exactly where speculative decoding lives
+    (a 16-row tree through stock fp32 `F.linear` cost ~6x one row on the Intel VM), and which
+    kernel is fastest at which row count depends on the CPU (`models/kernels.py`). fp32 keeps
+    the plain weight plus the packed layouts its measured `KernelRoute` uses (oneDNN's, and/or
+    MKL copies packed for fixed row buckets); bf16 (no MKL kernel) always takes oneDNN's packed
+    layout: its stock GEMV streams ~11 GB/s, the packed one ~19 GB/s.
     """
 
-    def __init__(self, linear: nn.Linear, keep_plain: bool, buckets: tuple[int, ...] = ()):
+    def __init__(self, linear: nn.Linear, route: KernelRoute | None):
         super().__init__()
         self.out_features = linear.out_features
         w = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.plain = w if keep_plain else None
-        self.buckets = tuple(sorted(buckets)) if w.dtype == torch.float32 and keep_plain else ()
+        self.route = route if w.dtype == torch.float32 else None
+        self.plain = w if self.route is not None else None
+        self.buckets = self.route.buckets if self.route is not None else ()
         self.mkl = {m: torch.ops.mkl._mkl_reorder_linear_weight(w, m) for m in self.buckets}
-        self.packed = None if self.buckets else torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        need_onednn = self.route is None or self.route.uses_onednn
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16) if need_onednn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        if self.packed is not None and (self.plain is None or rows > GEMV_ROWS):
+        kernel = "onednn" if self.route is None else self.route.kernel(rows)
+        if kernel == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        elif kernel == "mkl":
+            m = next(b for b in self.buckets if b >= rows)
+            xp = x2 if m == rows else F.pad(x2, (0, 0, 0, m - rows))
+            y = torch.ops.mkl._mkl_linear(xp, self.mkl[m], self.plain, self.bias, m)[:rows]
         else:
-            m = next((b for b in self.buckets if b >= rows), 0) if rows > GEMV_ROWS else 0
-            if m:
-                xp = x2 if m == rows else F.pad(x2, (0, 0, 0, m - rows))
-                y = torch.ops.mkl._mkl_linear(xp, self.mkl[m], self.plain, self.bias, m)[:rows]
-            else:
-                y = F.linear(x2, self.plain, self.bias)
+            y = F.linear(x2, self.plain, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -215,67 +206,77 @@ def _available_bytes() -> int:
     return 0
 
 
-def _pack_plan(dt: torch.dtype, copy_bytes: int) -> tuple[bool, bool, tuple[int, ...]]:
-    """(pack at all?, keep the plain weight?, MKL row buckets) for Linears of `copy_bytes` in `dt`."""
-    if dt not in (torch.bfloat16, torch.float32) or not torch.backends.mkldnn.is_available():
-        return False, False, ()
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _pack_plan(module: nn.Module, cache: Path | None) -> tuple[bool, KernelRoute | None]:
+    """(pack at all?, fp32 route) for the Linears below `module`: bf16 packs for oneDNN; fp32 takes
+    the kernel route measured on this CPU, with as many packed copies as fit in 60% of free memory."""
+    lins = _linears(module)
+    if not lins or not torch.backends.mkldnn.is_available():
+        return False, None
+    dt = lins[0].weight.dtype
     if dt == torch.bfloat16:
-        return True, False, ()
+        return True, None
+    if dt != torch.float32:
+        return False, None
+    copy_bytes = sum(m.weight.numel() * m.weight.element_size() for m in lins)
     fit = int(0.6 * _available_bytes() // max(1, copy_bytes))
-    if fit < 1:
-        return False, False, ()
-    return True, True, (MKL_BUCKETS[:fit] if fit >= 2 and torch.backends.mkl.is_available() else ())
+    if not torch.backends.mkl.is_available():
+        fit = min(fit, 1)
+    route = fp32_route([tuple(m.weight.shape) for m in lins], fit, cache)
+    return route.name != "stock", route
 
 
-def _linear_bytes(module: nn.Module) -> int:
-    """Bytes of one more copy of every Linear weight below `module`."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def _swap_linears(module: nn.Module, keep_plain: bool, buckets: tuple[int, ...]) -> bool:
+def _swap_linears(module: nn.Module, route: KernelRoute | None) -> bool:
     dt = next(module.parameters()).dtype
     try:
-        probe = PackedLinear(nn.Linear(8, 8, bias=True).to(dt), keep_plain, buckets[:1])
-        probe(torch.zeros(4, 8, dtype=dt))
-    except (RuntimeError, AttributeError):
+        probe = PackedLinear(nn.Linear(8, 8, bias=True).to(dt), route)
+        for n in (1, 4, 200):
+            probe(torch.zeros(n, 8, dtype=dt))
+    except (RuntimeError, AttributeError, StopIteration):
         return False
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child, keep_plain, buckets))
+                setattr(parent, name, PackedLinear(child, route))
     return True
 
 
-def pack_for_cpu(model: "Transformer") -> bool:
+def pack_for_cpu(model: "Transformer", cache: Path | None = None) -> bool:
     """Swap the decoder's Linears for packed ones where supported; returns whether it did.
 
-    bf16: oneDNN-packed only. fp32: the plain weight plus one MKL-packed copy per row bucket,
-    as many buckets (in `MKL_BUCKETS` order) as fit in 60% of the memory available now
-    (SmolLM2-135M: all five, ~2.7 GB). Where only one copy fits (a 1.5B target in fp32 on a
-    24 GB machine) or MKL is missing, fp32 keeps oneDNN's layout beside the plain weight. fp64
-    (the exactness tests) and other dtypes are left alone.
+    bf16: oneDNN-packed only. fp32: the plain weight plus the packed layouts of the kernel route
+    timed on this CPU (`models/kernels.py`, cached under `cache`), as many copies as fit in 60%
+    of the memory available now. fp64 (the exactness tests) and other dtypes are left alone.
     """
-    dt = next(model.parameters()).dtype
-    ok, keep_plain, buckets = _pack_plan(dt, _linear_bytes(model))
-    if not ok or not _swap_linears(model.layers, keep_plain, buckets):
+    ok, route = _pack_plan(model.layers, cache)
+    model.kernel_route = route if route is not None and route.name == "stock" else None  # fp32 timed stock
+    if not ok or not _swap_linears(model.layers, route):
         return False
     # lm_head keeps its plain weight too: draft heads share it (frozen) with the target.
-    model.lm_head_packed = PackedLinear(model.lm_head, keep_plain, buckets)
+    model.lm_head_packed = PackedLinear(model.lm_head, route)
+    model.kernel_route = route
     return True
 
 
-def pack_linears_for_inference(module: nn.Module) -> bool:
-    """The same packing for a draft head at draft time (a block of D+1 rows is exactly where the
-    stock fp32 kernel is slowest). Inference only: a PackedLinear holds no Parameters."""
-    ps = list(module.parameters())
-    if not ps:
+def pack_linears_for_inference(module: nn.Module, route: KernelRoute | None) -> bool:
+    """The same packing for a draft head at draft time, on the target's fp32 `route` (a block of
+    D+1 rows is exactly where a slow kernel hurts). Inference only: a PackedLinear holds no
+    Parameters. fp32 without a route is left alone."""
+    lins = _linears(module)
+    if not lins or not torch.backends.mkldnn.is_available():
         return False
-    ok, keep_plain, buckets = _pack_plan(ps[0].dtype, _linear_bytes(module))
-    return ok and _swap_linears(module, keep_plain, buckets)
+    dt = lins[0].weight.dtype
+    if dt == torch.float32 and route is not None and route.name != "stock":
+        return _swap_linears(module, route)
+    return dt == torch.bfloat16 and _swap_linears(module, None)
 
 
 def linear_kernels(model: "Transformer") -> tuple[str, tuple[int, ...]]:
-    """('stock' | 'onednn' | 'mkl', MKL row buckets): which GEMM kernels the decoder's Linears use.
+    """(route name, MKL row buckets): which GEMM kernels the decoder's Linears use ('stock',
+    'onednn', 'stock2-mkl4.8.16.32.64-stock', ...).
 
     The verify cost curve depends on it (a bucketed kernel makes the curve a staircase), so
     calibration profiles are keyed by it and measure both sides of every bucket edge.
@@ -283,7 +284,7 @@ def linear_kernels(model: "Transformer") -> tuple[str, tuple[int, ...]]:
     lin = model.layers[0].mlp.w13 if len(model.layers) else None
     if not isinstance(lin, PackedLinear):
         return "stock", ()
-    return ("mkl", lin.buckets) if lin.buckets else ("onednn", ())
+    return ("onednn", ()) if lin.route is None else (lin.route.name, lin.buckets)
 
 
 def hf_layout(cfg: ModelConfig) -> list[tuple[str, list[str], list[int]]]:
