@@ -440,12 +440,12 @@ def test_payoff_gate_follows_the_faster_measured_rate_and_keeps_probing():
     assert sum(choices[100:]) >= 85 and not all(choices[100:])  # drafts, with a plain probe now and then
     g = PayoffGate(probe_every=8)
     choices = []
-    for _ in range(200):
+    for _ in range(400):
         d = g.draft_now()
         choices.append(d)
-        g.observe(d, 1 if d else 1, 0.2 if d else 0.05)  # drafting never pays
+        g.observe(d, 1 if d else 1, 0.2 if d else 0.05)  # drafting never pays: 4x the time, a quarter the rate
     late = choices[100:]
-    assert 0 < sum(late) <= 100 // 8 + 1  # plain, with a drafted probe every 8th round
+    assert 0 < sum(late) <= 300 // (8 * 4) + 1  # plain; drafted probes rarer than every 8th round, not never
 
 
 def test_auto_sizer_stops_drafting_when_drafts_do_not_pay(tiny, cache):

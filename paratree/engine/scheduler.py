@@ -17,7 +17,7 @@ is the same computation up to float rounding).
 Policy ("adaptive"): latency mode (every sequence gets the drafter's full tree budget)
 while the whole batch's full trees fit in the flat part of the measured verify cost
 curve; beyond that, throughput mode. That cost-curve switch point is only the prior: per
-batch size, a `RateGate` measures the tokens/s rounds of each mode (and of plain, undrafted
+batch-size class (1, 2, 3-4, 5-8, ...), a `RateGate` measures the tokens/s rounds of each mode (and of plain, undrafted
 rounds) actually earn and runs the fastest, probing the others. Throughput mode: the
 verify forward's width (rows are padded to the
 widest tree, so a forward of B rows x W nodes costs T(B*W)) is chosen to maximise
@@ -395,8 +395,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self._overhead_s = 0.0  # EMA of per-round time outside the verify forward
-        # Rate gates, one per batch size (a round's cost and gain both depend on it): each round runs
-        # the policy's arm (latency / throughput / plain) that measured fastest at that size.
+        # Rate gates, one per batch-size class 1, 2, 3-4, 5-8, 9-16, ... (a round's cost and gain depend
+        # on the batch size; neighbouring sizes share a gate so each learns, and probes, from more rounds):
+        # each round runs the policy's arm (latency / throughput / plain) that measured fastest there.
         arms = policy.arms()
         self._gates: collections.defaultdict[int, RateGate] | None = (
             collections.defaultdict(lambda: RateGate(arms)) if arms else None)
@@ -558,7 +559,7 @@ class Scheduler:
             return False
         runner = self.runner
         t0 = time.perf_counter()
-        gate = None if self._gates is None else self._gates[len(seqs)]
+        gate = None if self._gates is None else self._gates[(len(seqs) - 1).bit_length()]
         prior = self.policy.choose_mode(len(seqs))
         arm = prior if gate is None else gate.choose(prior)
         if arm != "plain":

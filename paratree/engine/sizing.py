@@ -346,15 +346,18 @@ class RateGate:
     exponentially averaged tokens over averaged seconds (a ratio of averages, so bursts of long
     accepted runs count in full). The caller names a `preferred` arm each round (its model's
     choice): it runs unless another arm measured more than `margin` faster. Every other arm is
-    probed in turn, at most once per `probe_every` rounds and, when its rounds are slower than
-    the leader's, proportionally less often, so probing costs ~1/probe_every of the time
-    whatever an arm costs. Only past rounds decide (non-anticipating); every arm verifies a valid
-    tree, so the output is the target's whichever runs.
+    probed in turn, at most once per `probe_every` rounds and less often the costlier a probe
+    is: in proportion to how much longer its rounds take than the leader's (so probes take
+    ~1/probe_every of the time whatever an arm costs) and to how far its rate trails the
+    leader's (an arm at half the rate rarely overtakes soon; capped at `max_gap`). Only past
+    rounds decide (non-anticipating); every arm verifies a valid tree, so the output is the
+    target's whichever runs.
     """
 
-    def __init__(self, arms: Sequence[str], probe_every: int = 16, alpha: float = 0.05, margin: float = 0.05):
+    def __init__(self, arms: Sequence[str], probe_every: int = 16, alpha: float = 0.05, margin: float = 0.05,
+                 max_gap: float = 8.0):
         self.arms = tuple(arms)
-        self.probe_every, self.alpha, self.margin = probe_every, alpha, margin
+        self.probe_every, self.alpha, self.margin, self.max_gap = probe_every, alpha, margin, max_gap
         self._avg: dict[str, list[float]] = {}  # arm -> [tokens, seconds] per round, averaged
         self._last: dict[str, int] = {}  # arm -> round it last ran
         self.rounds = 0
@@ -374,12 +377,15 @@ class RateGate:
             raise ValueError(f"unknown arm '{preferred}': the gate has {', '.join(self.arms)}")
         self.rounds += 1
         lead = self.leader(preferred)
-        lead_s = self._avg[lead][1] if lead in self._avg else None
+        lead_s, lead_r = (self._avg[lead][1], self.rate(lead)) if lead in self._avg else (None, None)
         due = []
         for a in self.arms:
             if a == lead:
                 continue
-            slow = 1.0 if a not in self._avg or not lead_s else max(1.0, self._avg[a][1] / max(lead_s, 1e-12))
+            slow = 1.0
+            if a in self._avg and lead_s:
+                gap = min(self.max_gap, lead_r / max(self.rate(a), 1e-12))
+                slow = max(1.0, self._avg[a][1] / max(lead_s, 1e-12)) * max(1.0, gap)
             waited = self.rounds - self._last.get(a, 0)
             if waited >= self.probe_every * slow:
                 due.append((waited / slow, a))

@@ -29,7 +29,7 @@ def serve(model: str | None = None, dtype: str = "auto", host: str = "127.0.0.1"
     bound = sock.getsockname()[1]
     info = engine.info()
     print(f"paratree serve: {info['model']} ({info['dtype']}), drafter {info['drafter']}, policy {info['policy']} "
-          f"(cost curve: latency mode up to {info['switch_batch']} sequences, throughput above; per batch size "
+          f"(cost curve: latency mode up to {info['switch_batch']} sequences, throughput above; per batch-size class "
           f"the fastest measured mode runs), max batch {info['max_batch']}, "
           f"context {info['max_model_len']}; verify cost curve (nodes, ms) {info['cost_points_ms']}: "
           f"{info['cost_model']}", file=sys.stderr, flush=True)
