@@ -146,10 +146,15 @@ def test_block_head_drafting_is_lossless(tiny_ckpts, seqs, tmp_path, family, tre
     assert drafted_losslessly(runner, drafter, seqs[:4], budget=12, check=in_draft_vocab if dv else None) > 0
 
 
-def test_packed_head_drafts_the_same_trees(tiny_ckpts, seqs, tmp_path):
-    """make_drafter packs a head (and its draft-vocab projection) like a packed fp32 target: same trees."""
+@pytest.mark.parametrize("route", ["onednn", "mkl"])
+def test_packed_head_drafts_the_same_trees(tiny_ckpts, seqs, tmp_path, route, monkeypatch):
+    """make_drafter packs a head (and its draft-vocab projection) like a packed fp32 target: same trees.
+    The route is forced: on a tiny model the timed route may well be the stock kernel."""
     from paratree.drafters import make_drafter
+    from paratree.models.kernels import ENV
     from paratree.models.transformer import PackedLinear
+
+    monkeypatch.setenv(ENV, route)
 
     packed = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False, pack=True)
     stock = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False, pack=False)
