@@ -500,7 +500,7 @@ def print_table(rows: list[dict], console=None, title: str = "paratree bench") -
 def environment(cfg: BenchConfig, lm) -> dict:
     import transformers
 
-    from ..engine.sizing import cpu_signature
+    from ..models.kernels import cpu_signature
 
     return {
         "model": lm.name, "model_path": str(lm.path), "dtype": cfg.dtype, "cpu": cpu_signature(),

@@ -130,7 +130,7 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
         lm_head = lm.model.lm_head if head.d2t is not None else (
             getattr(lm.model, "lm_head_packed", None) or lm.model.lm_head)
         return BlockHeadDrafter(head, lm.model.embed, lm_head, name=name, tree=tree, width=width,
-                                path_conditioned=conditioned, pack=(route or True) if packed else False, **options)
+                                path_conditioned=conditioned, pack=packed, route=route, **options)
     raise ValueError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
 
 

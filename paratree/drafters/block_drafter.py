@@ -20,9 +20,9 @@ from .heads.block import BlockDraftHead
 class BlockHeadDrafter:
     def __init__(self, head: BlockDraftHead, embed: torch.nn.Embedding, lm_head, name: str, tree: bool = True,
                  width: int = 8, max_depth: int | None = None, path_conditioned: bool = False,
-                 pack: KernelRoute | bool = False):
-        """`pack`: give the draft-vocab projection the target's packed CPU kernels: its fp32
-        `KernelRoute`, or True for bf16 (the head's own Linears are packed by `make_drafter`)."""
+                 pack: bool = False, route: KernelRoute | None = None):
+        """`pack`: give the draft-vocab projection the target's packed CPU kernels (fp32: on the
+        target's `route`; the head's own Linears are packed by `make_drafter`)."""
         self.head, self.embed, self.lm_head = head.eval(), embed, lm_head
         self.name, self.tree, self.width = name, tree, width
         self.max_depth = min(max_depth or head.cfg.depth, head.cfg.depth)
@@ -38,7 +38,7 @@ class BlockHeadDrafter:
             proj.weight = torch.nn.Parameter(w, requires_grad=False)
             self.lm_head = torch.nn.Sequential(proj)
             if pack:
-                pack_linears_for_inference(self.lm_head, pack if isinstance(pack, KernelRoute) else None)
+                pack_linears_for_inference(self.lm_head, route)
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ctx_len = 0
         self._last: torch.Tensor | None = None  # fused state of the newest context token (the root's predecessor)

@@ -30,7 +30,7 @@ import torch
 
 from ..models.loader import LoadedModel, cache_dir, dtype_name
 from ..models.runner import TargetRunner
-from ..models.kernels import cpu_signature
+from ..models.kernels import cpu_signature, median_seconds
 from ..models.transformer import linear_kernels
 from ..tree.builders import AcceptanceProfile, build_best_first
 from ..tree.cost import VerifyCostModel, path_accept_prob, path_product, size_tree
@@ -77,17 +77,6 @@ def random_best_first_tree(root: int, n: int, vocab: int, gen: torch.Generator, 
         width += 2
         tree = build_best_first(root, logits, budget=n, max_depth=depth, width=width, keep_q=False)
     return tree
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure_verify(runner: TargetRunner, sizes: Sequence[int], past_len: int = 256, repeats: int = 5,
@@ -150,10 +139,10 @@ def measure_drafters(lm: LoadedModel, names: Sequence[str] | None = None, budget
                 runner = TargetRunner(lm.model, max_len=ctx_len + budget + 8)
                 taps = runner.prefill(ids[:-1], taps=d.tap_layers)
             d.begin(list(ids), taps)
-            s = _median_seconds(lambda: d.propose(list(ids), budget), repeats)
+            s = median_seconds(lambda: d.propose(list(ids), budget), repeats)
             out[name] = {"seconds": s, "budget": budget}
             if max_budget and max_budget != budget:
-                out[name]["seconds_max"] = _median_seconds(lambda: d.propose(list(ids), max_budget), repeats)
+                out[name]["seconds_max"] = median_seconds(lambda: d.propose(list(ids), max_budget), repeats)
                 out[name]["budget_max"] = max_budget
         except Exception as e:  # a drafter that cannot run here is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -170,7 +159,7 @@ def measure_round_overhead(lm: LoadedModel, runner: TargetRunner, repeats: int =
     tree = DraftTree.chain([1])
     logits = runner.verify(tree).logits
     params = SamplingParams()
-    s = _median_seconds(lambda: accept(tree, logits, params, None), repeats)
+    s = median_seconds(lambda: accept(tree, logits, params, None), repeats)
     runner.reset()
     return s
 
@@ -422,9 +411,8 @@ class PayoffGate(RateGate):
     def draft_now(self) -> bool:
         return self.choose("draft") == "draft"
 
-    def observe(self, drafted: bool | str, tokens: int, seconds: float) -> None:
-        arm = drafted if isinstance(drafted, str) else ("draft" if drafted else "plain")
-        super().observe(arm, tokens, seconds)
+    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
+        super().observe("draft" if drafted else "plain", tokens, seconds)
 
 
 class AutoSizer:

@@ -20,7 +20,7 @@ import re
 import socket
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,8 +122,10 @@ def choose_route(times: dict[str, dict[int, float]], fit: int) -> KernelRoute:
     return KernelRoute(merged, picks[-1], used)
 
 
-def _median_s(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -144,11 +146,11 @@ def measure_kernel_times(shapes: Sequence[tuple[int, int]], min_bytes: int = 96 
     times: dict[str, dict[int, float]] = {"stock": {}, "onednn": {}, "mkl": {}}
     with torch.no_grad():
         for r in ROUTE_POINTS:
-            times["stock"][r] = _median_s(lambda: [F.linear(xs[w.shape[1]][:r], w) for w in ws], repeats)
+            times["stock"][r] = median_seconds(lambda: [F.linear(xs[w.shape[1]][:r], w) for w in ws], repeats)
         try:
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in ws]
             for r in ROUTE_POINTS:
-                times["onednn"][r] = _median_s(lambda: [
+                times["onednn"][r] = median_seconds(lambda: [
                     torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]][:r], p, None, "none", [], "")
                     for w, p in zip(ws, packed)], repeats)
             del packed
@@ -158,7 +160,7 @@ def measure_kernel_times(shapes: Sequence[tuple[int, int]], min_bytes: int = 96 
             for m in MKL_BUCKETS:
                 try:
                     packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, m) for w in ws]
-                    times["mkl"][m] = _median_s(lambda: [
+                    times["mkl"][m] = median_seconds(lambda: [
                         torch.ops.mkl._mkl_linear(xs[w.shape[1]][:m], p, w, None, m) for w, p in zip(ws, packed)],
                         repeats)
                     del packed
