@@ -201,6 +201,20 @@ def test_kernel_route_takes_the_fastest_kernel_per_row_count_within_memory():
         KernelRoute.fixed("fast")
 
 
+def test_kernel_timing_weights_outgrow_the_last_level_cache(tmp_path):
+    """Timed weights must stream from memory: the largest cache sysfs lists sets their size."""
+    from paratree.models.kernels import last_level_cache_bytes
+
+    for idx, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / idx).mkdir()
+        (tmp_path / idx / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 32 << 20
+    (tmp_path / "index4").mkdir()
+    (tmp_path / "index4" / "size").write_text("1G\n")
+    assert last_level_cache_bytes(tmp_path) == 1 << 30
+    assert last_level_cache_bytes(tmp_path / "missing") == 0
+
+
 @pytest.mark.parametrize("arch,dtype", [("llama", "fp64"), ("qwen2", "fp32"), ("qwen3", "fp64")])
 def test_hf_twin_shares_weight_memory_and_equals_from_pretrained(tiny_ckpts, arch, dtype):
     from paratree.models.loader import hf_twin, parse_dtype

@@ -7,7 +7,7 @@ import torch
 
 from paratree.drafters import NGramDrafter, NoDrafter
 from paratree.engine.generate import Generator
-from paratree.engine.sizing import AcceptanceModel
+from paratree.engine.sizing import AcceptanceModel, RateGate
 from paratree.engine.scheduler import (
     EngineRequest,
     QueueFullError,
@@ -326,6 +326,44 @@ def test_payoff_gate_stops_drafting_that_does_not_pay(models, policy):
     else:
         assert rounds["plain"] > 0.5 * sum(rounds.values()), rounds
         assert rounds["latency"] >= 1 and rounds["throughput"] >= 1, rounds  # it did try both drafted modes
+
+
+class _FreeUselessDrafter(_SlowUselessDrafter):
+    """Wrong chains at no cost: a throughput round that keeps only the roots earns what a plain one does."""
+
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.proposals = 0
+
+    def propose(self, tokens, budget):
+        self.proposals += 1
+        return DraftTree.chain([tokens[-1]] + [(tokens[-1] + 1 + k) % self.vocab for k in range(min(budget, 6) - 1)])
+
+
+def test_roots_only_throughput_rounds_turn_the_prior_to_plain(models):
+    """Once the throughput planner keeps only the roots for a few rounds, the batch stops drafting
+    (no draft pass wasted within the gate's margin), probing throughput now and then."""
+    lm = models["llama"]
+    V = lm.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, V, (6 + i,), generator=g).tolist() for i in range(3)]
+    truths = [_plain(lm, p, 100) for p in prompts]
+    drafters = []
+
+    def factory():
+        drafters.append(_FreeUselessDrafter(V))
+        return drafters[-1]
+
+    sched = Scheduler(TargetRunner(lm.model, max_len=160, batch_size=3), drafter_factory=factory,
+                      budget=6, policy="throughput", cost=STEEP)
+    sched._gates.default_factory = lambda: RateGate(("throughput", "plain"), margin=1.0)  # measured rates never overrule the prior: only the plan can
+    handles = [sched.submit(EngineRequest(p, 100)) for p in prompts]
+    sched.run_until_idle()
+    assert [h.result.token_ids for h in handles] == truths
+    rounds = sched.metrics.mode_rounds
+    assert rounds["plain"] > 0.6 * sum(rounds.values()), rounds
+    assert 0 < rounds["throughput"], rounds  # still probed
+    assert max(d.proposals for d in drafters) < 0.4 * max(h.result.rounds for h in handles)
 
 
 def test_rate_gate_runs_the_fastest_measured_arm_and_bounds_probe_time():

@@ -119,6 +119,28 @@ def test_head_for_another_target_is_refused(tiny_ckpts, tiny_lm, seqs, tmp_path)
     head.check_target(tiny_lm.config)  # its own target is fine
 
 
+def test_init_from_continues_a_saved_head_and_refuses_another_shape(tiny_lm, seqs, tmp_path):
+    """Fine-tuning starts from the saved weights and draft vocab (not a fresh init, not fresh d2t),
+    and a head of another shape is refused before any step."""
+    first = Trainer(_cfg(tmp_path / "a", max_steps=20, checkpoint_every=0, draft_vocab=40), lm=tiny_lm,
+                    sequences=seqs, progress=False)
+    first.fit()
+    saved = BlockDraftHead.load(tmp_path / "a" / "head").state_dict()
+    other_data = seqs[::-1][:12]  # other sequences: a fresh run would pick another draft vocab
+    cont = Trainer(_cfg(tmp_path / "b", max_steps=0, draft_vocab=40, init_from=str(tmp_path / "a" / "head")),
+                   lm=tiny_lm, sequences=other_data, progress=False)
+    got = cont.head.state_dict()
+    assert all(torch.equal(got[k].to(saved[k].dtype), saved[k]) for k in saved)
+    fresh = Trainer(_cfg(tmp_path / "c", max_steps=0, draft_vocab=40), lm=tiny_lm, sequences=other_data,
+                    progress=False)
+    assert not torch.equal(fresh.head.state_dict()["layers.0.attn.wq.weight"].to(torch.bfloat16),
+                           saved["layers.0.attn.wq.weight"])
+    assert cont.evaluate()["eval_loss"] < 0.9 * fresh.evaluate()["eval_loss"]
+    with pytest.raises(ValueError, match="block_size"):
+        Trainer(_cfg(tmp_path / "d", block_size=4, draft_vocab=40, init_from=str(tmp_path / "a" / "head")),
+                lm=tiny_lm, sequences=seqs, progress=False)
+
+
 @pytest.mark.parametrize("family,tree,pc,dv", [("jetspec", True, False, 0), ("jetspec", True, True, 0),
                                                ("jetspec", False, False, 0), ("dflash", True, False, 0),
                                                ("jetspec", True, True, 40)])

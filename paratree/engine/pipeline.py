@@ -49,15 +49,15 @@ class Pipeline:
         ids = prompt if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)) else self.encode(prompt, chat)
         stopper = StopStrings(stop) if stop else None
         decode = self.decode
-        stop_check = None
-        if stopper is not None:
-            def stop_check(new_ids):  # shortest token prefix whose text reaches a stop string
-                at = stopper.find(decode(new_ids))
-                if at is None:
-                    return None
-                return next(k for k in range(1, len(new_ids) + 1) if len(decode(new_ids[:k])) > at)
 
-        res = self.generator.generate(ids, max_new_tokens, params, on_tokens=on_tokens, stop_check=stop_check)
+        def stop_check(new_ids):  # shortest token prefix whose text reaches a stop string
+            at = stopper.find(decode(new_ids))
+            if at is None:
+                return None
+            return next(k for k in range(1, len(new_ids) + 1) if len(decode(new_ids[:k])) > at)
+
+        res = self.generator.generate(ids, max_new_tokens, params, on_tokens=on_tokens,
+                                      stop_check=stop_check if stopper is not None else None)
         text = decode(res.token_ids)
         if stopper is not None and (at := stopper.find(text)) is not None:
             text = text[:at]

@@ -401,6 +401,12 @@ class Scheduler:
         arms = policy.arms()
         self._gates: collections.defaultdict[int, RateGate] | None = (
             collections.defaultdict(lambda: RateGate(arms)) if arms else None)
+        # Consecutive throughput rounds per class whose plan kept only the roots: such a round is a
+        # plain round plus a wasted draft pass, and within the gate's margin the prior keeps running
+        # it. After `roots_only_rounds` of them the class's prior becomes plain (the gate still
+        # probes throughput, whose plan resets the count once drafted nodes pay again).
+        self._roots_only: collections.Counter[int] = collections.Counter()
+        self.roots_only_rounds = 3
         self.last_error: str | None = None
 
     # -- submission (any thread) ---------------------------------------------------------
@@ -559,8 +565,11 @@ class Scheduler:
             return False
         runner = self.runner
         t0 = time.perf_counter()
-        gate = None if self._gates is None else self._gates[(len(seqs) - 1).bit_length()]
+        cls = (len(seqs) - 1).bit_length()
+        gate = None if self._gates is None else self._gates[cls]
         prior = self.policy.choose_mode(len(seqs))
+        if gate is not None and prior == "throughput" and self._roots_only[cls] >= self.roots_only_rounds:
+            prior = "plain"
         arm = prior if gate is None else gate.choose(prior)
         if arm != "plain":
             drafted = []
@@ -569,6 +578,9 @@ class Scheduler:
                 room = self.max_model_len - runner.lengths[s.row]
                 drafted.append(s.drafter.propose(s.tokens, max(1, min(self.budget, room, remaining + 1))))
             plan = self.policy.plan(drafted, self._overhead_s, mode=arm)
+            if arm == "throughput":
+                roots_only = all(t.num_nodes == 1 for t in plan.trees)
+                self._roots_only[cls] = self._roots_only[cls] + 1 if roots_only else 0
         else:  # plain rounds measured fastest at this batch size lately (or a probe): roots only
             drafted = [DraftTree.chain([s.tokens[-1]]) for s in seqs]
             plan = Plan("plain", drafted, drafted, [None] * len(seqs))

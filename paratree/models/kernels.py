@@ -134,10 +134,26 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(ts)
 
 
-def measure_kernel_times(shapes: Sequence[tuple[int, int]], min_bytes: int = 96 << 20,
+def last_level_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Size of the largest CPU cache sysfs reports (0 where unknown)."""
+    best = 0
+    for f in root.glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+def measure_kernel_times(shapes: Sequence[tuple[int, int]], min_bytes: int | None = None,
                          repeats: int = 5) -> dict[str, dict[int, float]]:
     """Time every kernel on random fp32 weights of `shapes` (one layer's Linears, (out, in)),
-    replicated until they exceed `min_bytes` so the weights stream from memory as in decoding."""
+    replicated until they exceed `min_bytes` (default: 96 MB or 3x the last-level cache, whichever
+    is larger) so the weights stream from memory as in decoding, not from cache."""
+    if min_bytes is None:
+        min_bytes = max(96 << 20, 3 * last_level_cache_bytes())
     per_layer = sum(o * i * 4 for o, i in shapes)
     copies = max(1, min(64, -(-min_bytes // max(1, per_layer))))
     g = torch.Generator().manual_seed(0)

@@ -57,6 +57,8 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         f"- Steps: {summary['steps']} ({tc['seqs_per_step']} sequences x "
         f"{'every position' if eagle else str(tc['anchors_per_seq']) + ' anchors'} per step), "
         f"lr {tc['lr']}, {summary['world_size']} process(es).",
+        *([f"- Initialised from the head at `{tc['init_from']}` (its own card and command: an earlier stage), "
+           "not from random weights; its draft vocab is kept."] if tc.get("init_from") else []),
         f"- Wall time: {summary['wall_time_s'] / 60:.1f} min on {summary['machine']}.",
         f"- Final held-out loss {summary['final'].get('eval_loss', float('nan')):.3f}, teacher-forced chain τ "
         f"{summary['final'].get('eval_tau_tf', float('nan')):.2f}.",

@@ -73,6 +73,8 @@ class TrainConfig:
     autocast_bf16: bool = True  # head matmuls in bf16 (fp32 master weights): ~6x faster on bf16-native CPUs,
     # ignored (fp32) on CPUs that only emulate bf16, where it would be ~2x slower
     cache_features: bool = True  # keep target states in RAM across epochs (~4.6 KB/token for 3 taps at H=576)
+    init_from: str | None = None  # a saved head (dir) to start from instead of random weights: same family,
+    # shape and target; its draft vocab is kept (fine-tuning a shipped head on more data)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -263,6 +265,8 @@ class Trainer:
                 raise ValueError(f"draft_vocab {cfg.draft_vocab} exceeds the target's vocab {self.lm.config.vocab_size}")
             self.head.d2t.copy_(frequent_tokens(self.train_seqs, cfg.draft_vocab, self.lm.eos_ids,
                                                 self.lm.config.vocab_size))
+        if cfg.init_from:
+            self._load_init(cfg.init_from)
         self.head.to(self.device)
         self.embed_w = self.lm.model.embed.weight.detach()
         # Teacher and draft over the same vocab: with a draft vocab, the target's distribution
@@ -285,6 +289,18 @@ class Trainer:
         # Start the mask embedding at the target's mean token embedding: a neutral input.
         with torch.no_grad():
             self.head.mask_emb.copy_(self.lm.model.embed.weight.float().mean(0))
+
+    def _load_init(self, path: str) -> None:
+        """Start from a saved head; refuse one whose family, shape or target differ (clear error)."""
+        from safetensors.torch import load_file
+
+        saved = BlockDraftHead.read_config(path)
+        ours = self.head.cfg
+        differ = [k for k, v in json.loads(ours.to_json()).items() if json.loads(saved.to_json()).get(k) != v]
+        if differ:
+            raise ValueError(f"init_from head at '{path}' does not match this run's head: {', '.join(differ)} differ")
+        sd = load_file(str(Path(path) / "head.safetensors"))
+        self.head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
 
     def _lr_lambda(self, step: int) -> float:
         c = self.cfg
