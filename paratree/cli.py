@@ -136,7 +136,7 @@ def cmd_data(args) -> int:
     lm = load_model(args.model, args.dtype)
     for temp in args.temperature:
         generate_dataset(lm, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         temperature=temp, seed=args.seed)
+                         temperature=temp, seed=args.seed, limit=args.limit)
     return 0
 
 
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, action="append", default=None,
                    help="0 = greedy (default); repeat for several passes, e.g. 0 and 0.8")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--limit", type=int, default=None,
+                   help="only the first N prompts of the run's fixed order (what an unlimited run had done after N)")
     d.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="train a draft head (single process, or under torchrun for DDP)")

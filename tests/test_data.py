@@ -48,3 +48,19 @@ def test_batched_generation_equals_greedy_decoding_and_resumes_after_a_kill(tiny
     again = [json.loads(line) for line in out.read_text().splitlines()]
     key = lambda r: (r["source"], r["index"])  # noqa: E731
     assert sorted(again, key=key) == sorted(first, key=key)
+
+
+def test_limited_run_is_the_prefix_an_unlimited_run_writes(tiny, tmp_path):
+    """`--limit N` reproduces a run stopped after N prompts: the same sequences, in the same order;
+    resuming the limited file without a limit then completes it to the full set."""
+    lm = load_model(tiny, "fp32")
+    prompts = collect_prompts({"gsm8k_train": 4, "code": 3}, seed=2)
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    kw = dict(max_new_tokens=6, batch_size=2, max_prompt_tokens=1024, progress=False)
+    generate_dataset(lm, prompts, full, **kw)
+    generate_dataset(lm, prompts, part, limit=4, **kw)
+    a, b = load_sequences(full), load_sequences(part)
+    assert len(b) == 4 and b == a[:4]
+    generate_dataset(lm, prompts, part, **kw)
+    key = lambda r: (r["source"], r["index"])  # noqa: E731
+    assert sorted(load_sequences(part), key=key) == sorted(a, key=key)

@@ -82,8 +82,12 @@ def generate_batch(runner: TargetRunner, prompts: list[list[int]], max_new_token
 
 def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path, max_new_tokens: int = 256,
                      batch_size: int = 16, temperature: float = 0.0, seed: int = 0, max_prompt_tokens: int = 512,
-                     progress: bool = True) -> Path:
-    """Append the target's responses for `prompts` to out_path (jsonl), skipping ones already there."""
+                     progress: bool = True, limit: int | None = None) -> Path:
+    """Append the target's responses for `prompts` to out_path (jsonl), skipping ones already there.
+
+    Prompts run in one fixed order (see below); `limit` keeps only its first N, so a limited run
+    holds exactly what an unlimited run had written after N prompts (a killed run, made reproducible).
+    """
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     done_keys = set()
@@ -98,15 +102,22 @@ def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path,
         lines = [ln for ln in out.read_text().splitlines() if ln.strip()]
         good = [ln for ln in lines if _parses(ln)]
         out.write_text("".join(ln + "\n" for ln in good))
-    todo = [p for p in prompts if (p["source"], p["index"], temperature) not in done_keys]
     params = SamplingParams(temperature=temperature, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     tok = lm.tokenizer
     encoded = []
-    for p in todo:
+    for p in prompts:
         ids = encode_prompt(tok, p["prompt"])
         if len(ids) <= max_prompt_tokens:
             encoded.append((p, ids))
+    # Similar prompt lengths batch together (less padding waste), but only within windows of a
+    # few batches, so a partial run still covers every source in proportion.
+    win = batch_size * 4
+    order = [i for w in range(0, len(encoded), win)
+             for i in sorted(range(w, min(w + win, len(encoded))), key=lambda i: len(encoded[i][1]))]
+    if limit is not None:
+        order = order[: max(0, limit)]
+    order = [i for i in order if (encoded[i][0]["source"], encoded[i][0]["index"], temperature) not in done_keys]
     runner = TargetRunner(lm.model, max_len=max_prompt_tokens + max_new_tokens + 8, batch_size=batch_size)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -114,12 +125,7 @@ def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path,
                TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     n_tokens, t0 = 0, time.perf_counter()
     with Progress(*columns, disable=not progress) as bar, open(out, "a") as f:
-        task = bar.add_task("distill", total=len(encoded), tps=0.0)
-        # Similar prompt lengths batch together (less padding waste), but only within windows of a
-        # few batches, so a partial run still covers every source in proportion.
-        win = batch_size * 4
-        order = [i for w in range(0, len(encoded), win)
-                 for i in sorted(range(w, min(w + win, len(encoded))), key=lambda i: len(encoded[i][1]))]
+        task = bar.add_task("distill", total=len(order), tps=0.0)
         for s in range(0, len(order), batch_size):
             group = [encoded[i] for i in order[s : s + batch_size]]
             outs = generate_batch(runner, [ids for _, ids in group], max_new_tokens, lm.eos_ids, params, gen)
