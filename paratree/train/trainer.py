@@ -263,8 +263,9 @@ class Trainer:
         if cfg.draft_vocab:
             if cfg.draft_vocab > self.lm.config.vocab_size:
                 raise ValueError(f"draft_vocab {cfg.draft_vocab} exceeds the target's vocab {self.lm.config.vocab_size}")
-            self.head.d2t.copy_(frequent_tokens(self.train_seqs, cfg.draft_vocab, self.lm.eos_ids,
-                                                self.lm.config.vocab_size))
+            if not cfg.init_from:  # a loaded head brings its own d2t
+                self.head.d2t.copy_(frequent_tokens(self.train_seqs, cfg.draft_vocab, self.lm.eos_ids,
+                                                    self.lm.config.vocab_size))
         if cfg.init_from:
             self._load_init(cfg.init_from)
         self.head.to(self.device)
@@ -292,15 +293,11 @@ class Trainer:
 
     def _load_init(self, path: str) -> None:
         """Start from a saved head; refuse one whose family, shape or target differ (clear error)."""
-        from safetensors.torch import load_file
-
-        saved = BlockDraftHead.read_config(path)
-        ours = self.head.cfg
-        differ = [k for k, v in json.loads(ours.to_json()).items() if json.loads(saved.to_json()).get(k) != v]
+        saved = json.loads(BlockDraftHead.read_config(path).to_json())
+        differ = [k for k, v in json.loads(self.head.cfg.to_json()).items() if saved.get(k) != v]
         if differ:
             raise ValueError(f"init_from head at '{path}' does not match this run's head: {', '.join(differ)} differ")
-        sd = load_file(str(Path(path) / "head.safetensors"))
-        self.head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+        self.head.load_state_dict(head_class(self.cfg.family).load(path, dtype=torch.float32).state_dict())
 
     def _lr_lambda(self, step: int) -> float:
         c = self.cfg
