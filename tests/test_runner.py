@@ -231,3 +231,32 @@ def test_hf_twin_shares_weight_memory_and_equals_from_pretrained(tiny_ckpts, arc
         ref = load_hf(tiny_ckpts[arch]).to(parse_dtype(dtype))(ids).logits
         got = twin(ids).logits
     assert torch.equal(got, ref)
+
+
+def test_bf16_single_query_attention_agrees_with_fp32(tiny_ckpts):
+    """bf16 decode steps attend in fp32 (CPU bf16 SDPA is 4x slower for one query); the result must
+    match an fp32 model on the same bf16-rounded weights, alone and batched with per-row masks,
+    as closely as the bf16 multi-query (tree) path does."""
+    bf = load_model(str(tiny_ckpts["qwen3"]), "bf16", tokenizer=False, pack=False)
+    ref = load_model(str(tiny_ckpts["qwen3"]), "bf16", tokenizer=False, pack=False)
+    ref.model.float()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, bf.config.vocab_size, (n,), generator=g).tolist() for n in (20, 7, 13)]
+    for lm in (bf, ref):
+        r = TargetRunner(lm.model, max_len=64, batch_size=3)
+        for s, p in enumerate(prompts):
+            r.prefill(p[:-1], seq=s)
+        one = r.verify(DraftTree.chain([prompts[0][-1]]), seq=0).logits[0].float()
+        r.commit([0], seq=0)
+        r.reset(0)
+        r.prefill(prompts[0][:-1], seq=0)
+        batched = r.verify_batch([DraftTree.chain([p[-1]]) for p in prompts], [0, 1, 2]).logits[:, 0].float()
+        two = r.verify(DraftTree.chain([prompts[1][-1], 5]), seq=1).logits[0].float()  # bf16 SDPA path
+        lm.out = (one, batched, two)
+    one, batched, two = bf.out
+    r_one, r_batched, r_two = ref.out
+    scale = r_one.abs().max()
+    tree_err = (two - r_two).abs().max() / scale
+    assert (one - r_one).abs().max() / scale <= max(2 * tree_err, 2e-2)
+    assert (batched - r_batched).abs().max() / scale <= max(2 * tree_err, 2e-2)
+    assert torch.equal(one.argmax(), r_one.argmax())
