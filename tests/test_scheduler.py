@@ -390,3 +390,27 @@ def test_rate_gate_runs_the_fastest_measured_arm_and_bounds_probe_time():
     assert g.leader("latency") == "latency"  # within the margin the prior keeps the lead
     with pytest.raises(ValueError, match="unknown arm"):
         g.choose("fast")
+
+
+def test_rate_gate_does_not_judge_a_rarely_probed_arm_by_its_first_round():
+    """A probed arm's first round can be unlucky (a latency tree rejected at the root); its rate
+    must be the mean of its rounds so far, so the gate finds the faster arm after a few probes."""
+    from paratree.engine.sizing import RateGate
+
+    g = RateGate(("throughput", "latency"), probe_every=8)
+    first = {"latency": True}
+    picks = []
+    for _ in range(200):
+        a = g.choose("throughput")
+        picks.append(a)
+        if a == "latency":  # 2 tokens / 0.05 s = 40 tok/s against throughput's 30, but starts unlucky
+            g.observe(a, 0 if first["latency"] else 2, 0.05)
+            first["latency"] = False
+        else:
+            g.observe(a, 3, 0.1)
+    assert g.leader("throughput") == "latency"
+    assert picks[100:].count("latency") > 80, picks
+    g = RateGate(("a", "b"), alpha=0.05)
+    for tokens in (0, 2, 4):
+        g.observe("a", tokens, 0.1)
+    assert g.rate("a") == pytest.approx(20.0)  # the mean of 3 rounds: (0 + 2 + 4) / 3 / 0.1

@@ -333,7 +333,8 @@ class RateGate:
     Why: a cost model and an acceptance estimate say what a round should earn; the gate checks
     what rounds did earn, on this machine, with this drafter, on this text. Each arm's rate is
     exponentially averaged tokens over averaged seconds (a ratio of averages, so bursts of long
-    accepted runs count in full). The caller names a `preferred` arm each round (its model's
+    accepted runs count in full); an arm's first 1/alpha rounds are plainly averaged, so a rarely
+    probed arm is not judged by its first, possibly unlucky, round. The caller names a `preferred` arm each round (its model's
     choice): it runs unless another arm measured more than `margin` faster. Every other arm is
     probed in turn, at most once per `probe_every` rounds and less often the costlier a probe
     is: in proportion to how much longer its rounds take than the leader's (so probes take
@@ -349,6 +350,7 @@ class RateGate:
         self.probe_every, self.alpha, self.margin, self.max_gap = probe_every, alpha, margin, max_gap
         self._avg: dict[str, list[float]] = {}  # arm -> [tokens, seconds] per round, averaged
         self._last: dict[str, int] = {}  # arm -> round it last ran
+        self._seen: collections.Counter[str] = collections.Counter()  # arm -> rounds observed
         self.rounds = 0
         self.counts: collections.Counter[str] = collections.Counter()
 
@@ -384,13 +386,13 @@ class RateGate:
         return arm
 
     def observe(self, arm: str, tokens: int, seconds: float) -> None:
-        avg = self._avg.get(arm)
-        if avg is None:
-            self._avg[arm] = [float(tokens), float(seconds)]
-        else:
-            a = self.alpha
-            avg[0] += a * (tokens - avg[0])
-            avg[1] += a * (seconds - avg[1])
+        # Step max(alpha, 1/n): the plain mean of the first 1/alpha rounds, an EMA after. (A fixed
+        # alpha left an arm probed 12 times weighted 57% on its first round.)
+        self._seen[arm] += 1
+        avg = self._avg.setdefault(arm, [0.0, 0.0])
+        a = max(self.alpha, 1.0 / self._seen[arm])
+        avg[0] += a * (tokens - avg[0])
+        avg[1] += a * (seconds - avg[1])
 
 
 class PayoffGate(RateGate):
