@@ -334,8 +334,9 @@ class RateGate:
     what rounds did earn, on this machine, with this drafter, on this text. Each arm's rate is
     exponentially averaged tokens over averaged seconds (a ratio of averages, so bursts of long
     accepted runs count in full); an arm's first 1/alpha rounds are plainly averaged, so a rarely
-    probed arm is not judged by its first, possibly unlucky, round. The caller names a `preferred` arm each round (its model's
-    choice): it runs unless another arm measured more than `margin` faster. Every other arm is
+    probed arm is not judged by its first, possibly unlucky, round. The caller names a `preferred`
+    arm each round (its model's choice): it runs unless another arm measured more than `margin`
+    faster. Every other arm is
     probed in turn, at most once per `probe_every` rounds and less often the costlier a probe
     is: in proportion to how much longer its rounds take than the leader's (so probes take
     ~1/probe_every of the time whatever an arm costs) and to how far its rate trails the
