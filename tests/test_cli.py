@@ -84,7 +84,7 @@ def test_generate_picks_the_drafter_of_a_given_head_and_refuses_a_non_head(tmp_p
     default = run(*args)
     assert head.returncode == 0 and default.returncode == 0, head.stderr + default.stderr
     a, b = json.loads(head.stdout), json.loads(default.stdout)
-    assert a["drafter"] == "ddtree" and b["drafter"] == "ngram"
+    assert a["drafter"] == "ddtree" and b["drafter"] == "jetspec+ngram"
     assert a["token_ids"] == b["token_ids"]
     line = _one_clear_line(run(*args, "--head", str(tmp_path)))
     assert "no draft head" in line

@@ -160,16 +160,17 @@ def test_speculative_sampling_matches_plain_distribution_on_default_model(prompt
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter,n_prompts,min_tau", [("jetspec", 4, 1.7), ("jetspec-pc", 2, 1.6), ("ddtree", 2, 1.6),
-                                                      ("eagle", 3, 1.5), ("dspark", 2, 1.3)])
+                                                      ("eagle", 3, 1.5), ("dspark", 2, 1.3),
+                                                      ("jetspec+ngram", 3, 2.0)])
 def test_shipped_head_is_lossless_and_accepted_on_gsm8k_test(drafter, n_prompts, min_tau):
     """Every head that ships for the default model: fp32 greedy == plain on unseen GSM8K test prompts
     (any divergence certified a near-tie), and its drafts really are accepted: τ above a floor set
     well under what each head's MODEL_CARD.md reports from `paratree bench`. The default drafter is
-    the one measured fastest here, which is prompt lookup, not a head."""
+    the one measured fastest here: the JetSpec head with prompt lookup grafted on."""
     from paratree.drafters import HEAD_DRAFTERS, default_drafter, make_drafter, shipped_head
 
-    assert default_drafter("smollm2-135m") == "ngram"
-    family = HEAD_DRAFTERS[drafter][0]
+    assert default_drafter("smollm2-135m") == "jetspec+ngram"
+    family = HEAD_DRAFTERS[drafter.removesuffix("+ngram")][0]
     if family == "dspark" and shipped_head("smollm2-135m", family) is None:
         pytest.skip("no DSpark head ships for the default model yet")
     assert shipped_head("smollm2-135m", family) is not None

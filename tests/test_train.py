@@ -141,6 +141,21 @@ def test_init_from_continues_a_saved_head_and_refuses_another_shape(tiny_lm, seq
                 lm=tiny_lm, sequences=seqs, progress=False)
 
 
+def test_head_mlp_width_is_set_by_the_config_and_survives_save_load(tiny_lm, seqs, tmp_path):
+    """intermediate_size narrows the head's MLP below the target's (a 1.5B target's 8960 would make a
+    one-layer head 90 MB); the saved head loads back at that width and drafts the same logits."""
+    assert tiny_lm.config.intermediate_size != 24
+    tr = Trainer(_cfg(tmp_path, max_steps=2, checkpoint_every=0, intermediate_size=24), lm=tiny_lm,
+                 sequences=seqs, progress=False)
+    assert tr.head.layers[0].mlp.w2.weight.shape == (tiny_lm.config.hidden_size, 24)
+    tr.fit()
+    loaded = BlockDraftHead.load(tmp_path / "head")
+    assert loaded.cfg.intermediate_size == 24
+    assert loaded.layers[0].mlp.w13.weight.shape == (48, tiny_lm.config.hidden_size)
+    default = Trainer(_cfg(tmp_path / "d", max_steps=0), lm=tiny_lm, sequences=seqs, progress=False)
+    assert default.head.cfg.intermediate_size == tiny_lm.config.intermediate_size
+
+
 @pytest.mark.parametrize("family,tree,pc,dv", [("jetspec", True, False, 0), ("jetspec", True, True, 0),
                                                ("jetspec", False, False, 0), ("dflash", True, False, 0),
                                                ("jetspec", True, True, 40)])
@@ -216,13 +231,10 @@ def drafted_losslessly(runner, drafter, seqs, budget, check=None) -> int:
 def test_conditioned_rows_match_a_block_with_a_real_prefix(tiny_ckpts):
     """The tree-masked refresh pass sees exactly what a block with an un-masked prefix sees."""
     lm = load_model(str(tiny_ckpts["llama"]), "fp64", tokenizer=False)
-    from paratree.drafters.heads.block import BlockHeadConfig
     from paratree.tree.draft_tree import DraftTree
+    from random_heads import random_block_head
 
-    torch.manual_seed(0)
-    head = BlockDraftHead(BlockHeadConfig.for_target(lm.config, num_taps=2, num_layers=2, block_size=6)).double()
-    for p in head.parameters():
-        torch.nn.init.normal_(p, 0, 0.2)
+    head = random_block_head(lm, seed=0, num_layers=2, block_size=6)
     d = BlockHeadDrafter(head, lm.model.embed, lm.model.lm_head, name="jetspec", path_conditioned=True)
     runner = TargetRunner(lm.model, max_len=64)
     taps = runner.prefill(list(range(3, 15)), taps=head.cfg.tap_layers)

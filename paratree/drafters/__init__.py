@@ -18,7 +18,9 @@ HEAD_DRAFTERS = {
     "eagle": ("eagle", True, False),  # EAGLE-3-style AR head: chain + top-k siblings per depth
     "dspark": ("dspark", False, False),  # parallel backbone + Markov chain + confidence-gated length
 }
-DRAFTERS = ("plain", "ngram", "ngram-chain", "draft-model", *HEAD_DRAFTERS)
+# "<head drafter>+ngram": the head's tree with prompt-lookup continuations grafted on (lookup_merge.py)
+MERGED_DRAFTERS = ("jetspec+ngram", "jetspec-pc+ngram", "ddtree+ngram")
+DRAFTERS = ("plain", "ngram", "ngram-chain", "draft-model", *HEAD_DRAFTERS, *MERGED_DRAFTERS)
 
 
 _DRAFT_LMS: dict = {}
@@ -35,13 +37,12 @@ def shipped_head(model_name: str, family: str) -> Path | None:
     return p if (p / "head_config.json").is_file() else None
 
 
-# The drafter measured fastest per packaged model, where that is not its JetSpec head. SmolLM2-135M on
-# a 2-core CPU (docs/benchmarks.md, session 6, GSM8K with the payoff gate, methods interleaved): prompt
-# lookup (ngram@auto) 1.26x plain; the best shipped heads, jetspec@auto and eagle@auto, 1.14x in the
-# same run (tau ~2.0 at budget 16 does not pay for a 16-node verify costing ~1.8x a step). Session 7,
-# bf16 on an AVX512-BF16 CPU, 20 prompts x 256 tokens per dataset: heads lead on GSM8K (ddtree 1.45x,
-# ngram 1.25x) but ngram leads on HumanEval (1.59x vs <= 1.17x) and MT-Bench (1.82x vs <= 1.09x).
-MEASURED_DEFAULT = {"smollm2-135m": "ngram"}
+# The drafter measured fastest per packaged model, where that is not its plain JetSpec head. SmolLM2-135M
+# (docs/benchmarks.md, session 11, bf16, 10 prompts x 128 tokens per dataset, one process): the shipped
+# JetSpec head with prompt lookup grafted on, jetspec+ngram@auto, is the fastest method on GSM8K (1.85x
+# plain; ngram 1.55x, jetspec 1.49x), HumanEval (1.69x; 1.46x, 1.31x) and MT-Bench (1.30x; 1.25x, 1.15x).
+# Before the merge (sessions 6-9) prompt lookup alone beat every head on code and chat.
+MEASURED_DEFAULT = {"smollm2-135m": "jetspec+ngram"}
 HEAD_FAMILY_DRAFTER = {"jetspec": "jetspec", "dflash": "ddtree", "eagle": "eagle", "dspark": "dspark"}
 
 
@@ -75,6 +76,10 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
     """Build the drafter called `name` for the loaded target `lm`."""
     if name == "plain":
         return NoDrafter()
+    if name in MERGED_DRAFTERS:
+        from .lookup_merge import LookupMergedDrafter
+
+        return LookupMergedDrafter(make_drafter(name.removesuffix("+ngram"), lm, head_path, width, **options))
     if name == "ngram":
         return NGramDrafter(tree=True, **options)
     if name == "ngram-chain":

@@ -46,6 +46,7 @@ class TrainConfig:
     data: str = "runs/data/smollm2_distill.jsonl"
     eval_fraction: float = 0.03
     num_layers: int = 2
+    intermediate_size: int | None = None  # head MLP width; None = the target's (too wide for a 1.5B target's head)
     block_size: int = 16
     num_taps: int = 3
     draft_vocab: int = 0  # > 0: predict over the N most frequent response tokens only (EAGLE-3's d2t)
@@ -250,7 +251,7 @@ class Trainer:
             raise ValueError("no training sequences left after the eval split")
         hcfg = BlockHeadConfig.for_target(
             self.lm.config, family=cfg.family, num_taps=cfg.num_taps, num_layers=cfg.num_layers,
-            block_size=cfg.block_size, target_name=self.lm.name,
+            block_size=cfg.block_size, intermediate_size=cfg.intermediate_size or self.lm.config.intermediate_size, target_name=self.lm.name,
             tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab)
         hcfg.causal = cfg.family not in ("dflash", "dspark")
         if cfg.family not in FAMILIES:
