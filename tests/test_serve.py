@@ -266,14 +266,13 @@ def test_eight_concurrent_greedy_requests_equal_single_stream(fp32, pipe):
     assert after.get(key, 0) > before.get(key, 0)
 
 
-def test_draft_model_drafter_serves_concurrent_requests_losslessly(tiny_dir, tmp_path, pipe):
-    """`serve --drafter draft-model`: one draft KV cache per sequence; the target as its own draft
-    model drafts perfectly, so nearly every round accepts its whole chain."""
+def _drafting_server_serves_concurrent_greedy_losslessly(tiny_dir, tmp_path, pipe, *drafter_args) -> dict:
+    """Four concurrent greedy chats on a tiny-model server with this drafter == single-stream decoding;
+    returns the server's metrics."""
     cost = tmp_path / "cost.json"
     cost.write_text(json.dumps(FLAT_COST))
     srv = Server("--model", str(tiny_dir), "--dtype", "fp32", "--max-batch", "4", "--max-model-len", "512",
-                 "--cost-model", str(cost), "--threads", "1", "--drafter", "draft-model",
-                 "--draft-model", str(tiny_dir), "--draft-depth", "4", "--draft-min-prob", "0")
+                 "--cost-model", str(cost), "--threads", "1", *drafter_args)
     try:
         srv.wait_ready()
         refs = [_reference(pipe, p, 32)[0] for p in PROMPTS[:4]]
@@ -282,9 +281,42 @@ def test_draft_model_drafter_serves_concurrent_requests_losslessly(tiny_dir, tmp
             outs = list(ex.map(lambda p: c.chat.completions.create(
                 model=MODEL, messages=_chat(p), max_tokens=32, temperature=0), PROMPTS[:4]))
         assert [o.choices[0].message.content for o in outs] == refs
-        assert srv.metrics()["paratree_tau_mean"] > 3.0
+        return srv.metrics()
     finally:
         srv.stop()
+
+
+def test_draft_model_drafter_serves_concurrent_requests_losslessly(tiny_dir, tmp_path, pipe):
+    """`serve --drafter draft-model`: one draft KV cache per sequence; the target as its own draft
+    model drafts perfectly, so nearly every round accepts its whole chain."""
+    metrics = _drafting_server_serves_concurrent_greedy_losslessly(
+        tiny_dir, tmp_path, pipe, "--drafter", "draft-model", "--draft-model", str(tiny_dir), "--draft-depth", "4",
+        "--draft-min-prob", "0")
+    assert metrics["paratree_tau_mean"] > 3.0
+
+
+def test_head_plus_lookup_drafter_serves_concurrent_requests_losslessly(tiny_dir, tmp_path, pipe):
+    """`serve --drafter jetspec+ngram --head DIR`: every sequence drafts from its own copy of the head's
+    context state and lookup hit rates (the server copies one prototype), and greedy outputs under
+    concurrency equal single-stream decoding."""
+    import torch
+
+    from paratree.models.loader import load_model
+    from random_heads import random_block_head
+
+    random_block_head(load_model(str(tiny_dir), "fp32", tokenizer=False)).save(tmp_path / "head", dtype=torch.float32)
+    metrics = _drafting_server_serves_concurrent_greedy_losslessly(
+        tiny_dir, tmp_path, pipe, "--drafter", "jetspec+ngram", "--head", str(tmp_path / "head"))
+    assert metrics["paratree_tau_mean"] >= 1.0
+
+
+def test_bench_serve_runs_its_drafter_in_the_speculative_modes_only():
+    from paratree.serve.bench_serve import MODES, mode_args
+
+    for mode in MODES:
+        args = mode_args(mode, "jetspec+ngram")
+        drafter = args[args.index("--drafter") + 1]
+        assert drafter == ("plain" if mode == "off" else "jetspec+ngram")
 
 
 def test_disconnect_frees_the_sequence_and_queue_bound_gives_429(fp32):

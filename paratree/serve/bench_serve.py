@@ -30,11 +30,16 @@ import threading
 import time
 from pathlib import Path
 
-MODES = {
-    "adaptive": ["--drafter", "ngram", "--policy", "adaptive"],
-    "latency": ["--drafter", "ngram", "--policy", "latency"],
+MODES = {  # server arguments per mode; "{drafter}" is the bench's --drafter
+    "adaptive": ["--drafter", "{drafter}", "--policy", "adaptive"],
+    "latency": ["--drafter", "{drafter}", "--policy", "latency"],
     "off": ["--drafter", "plain", "--policy", "latency"],
 }
+
+
+def mode_args(mode: str, drafter: str) -> list[str]:
+    """`paratree serve` arguments of one mode: the speculative modes run `drafter`, `off` runs plain."""
+    return [a.format(drafter=drafter) for a in MODES[mode]]
 
 
 def bench_prompts(limit: int) -> list[str]:
@@ -178,13 +183,13 @@ def run(args) -> dict:
     t_start = time.time()
     out: dict = {"levels": levels, "modes": {}, "max_tokens": args.max_tokens, "duration_s": args.duration,
                  "loadavg_start": os.getloadavg()[0], "started": time.strftime("%Y-%m-%d %H:%M"),
-                 "threads": args.threads}
+                 "threads": args.threads, "drafter": args.drafter}
     modes = args.modes.split(",")
     servers: dict[str, ServerProcess] = {}
     urls: dict[str, str] = {}
     try:
         for mode in modes:  # started one after another (startup is CPU-heavy), all kept up
-            srv_args = MODES[mode] + ["--dtype", args.dtype, "--max-batch", str(max(levels)), "--max-queue", "256",
+            srv_args = mode_args(mode, args.drafter) + ["--dtype", args.dtype, "--max-batch", str(max(levels)), "--max-queue", "256",
                                       "--budget", str(args.budget), "--max-model-len", str(args.max_model_len)]
             if args.model:
                 srv_args += ["--model", args.model]
@@ -229,7 +234,7 @@ def markdown(res: dict, command: str) -> str:
     modes = list(res["modes"])
     lines = ["## Serving", "",
              "Continuous batching with batched tree verification (`paratree serve`), measured through HTTP with "
-             "streaming clients on 127.0.0.1. `adaptive` = n-gram tree drafting with the adaptive "
+             f"streaming clients on 127.0.0.1. `adaptive` = `{res.get('drafter', 'ngram')}` tree drafting with the adaptive "
              "latency/throughput policy; `latency` = the drafter's full tree budget for every sequence; `off` = "
              "plain batched decoding (one token per sequence per forward). Greedy, chat template, prompts "
              "interleaved from GSM8K and HumanEval. Aggregate tok/s = all completion tokens / wall time; "
@@ -305,6 +310,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of client load per level")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--budget", type=int, default=32)
+    p.add_argument("--drafter", default="ngram", help="drafter of the speculative modes (adaptive, latency)")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads of each server (default: torch's)")
