@@ -4,11 +4,12 @@ keeps greedy decoding identical to plain decoding."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paratree.drafters import NoDrafter, make_drafter
+from paratree.drafters import NoDrafter, head_family, make_drafter
 from paratree.drafters.block_drafter import BlockHeadDrafter
 from paratree.drafters.lookup_merge import LookupMergedDrafter
 from paratree.engine.generate import Generator
@@ -133,9 +134,9 @@ def test_copies_keep_their_own_sequence_state(tiny_ckpts):
 
 def test_make_drafter_builds_merged_drafters_and_refuses_unknown_ones(tiny_ckpts):
     lm = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False)
-    import pytest
-
     with pytest.raises(ValueError, match="no trained jetspec head"):
         make_drafter("jetspec+ngram", lm)
     with pytest.raises(ValueError, match="unknown drafter 'ngram\\+ngram'"):
         make_drafter("ngram+ngram", lm)
+    assert [head_family(n) for n in ("jetspec+ngram", "ddtree+ngram", "jetspec-pc", "ngram", "draft-model")] == \
+        ["jetspec", "dflash", "jetspec", None, None]

@@ -167,10 +167,10 @@ def test_shipped_head_is_lossless_and_accepted_on_gsm8k_test(drafter, n_prompts,
     (any divergence certified a near-tie), and its drafts really are accepted: τ above a floor set
     well under what each head's MODEL_CARD.md reports from `paratree bench`. The default drafter is
     the one measured fastest here: the JetSpec head with prompt lookup grafted on."""
-    from paratree.drafters import HEAD_DRAFTERS, default_drafter, make_drafter, shipped_head
+    from paratree.drafters import default_drafter, head_family, make_drafter, shipped_head
 
     assert default_drafter("smollm2-135m") == "jetspec+ngram"
-    family = HEAD_DRAFTERS[drafter.removesuffix("+ngram")][0]
+    family = head_family(drafter)
     if family == "dspark" and shipped_head("smollm2-135m", family) is None:
         pytest.skip("no DSpark head ships for the default model yet")
     assert shipped_head("smollm2-135m", family) is not None

@@ -143,7 +143,7 @@ def test_init_from_continues_a_saved_head_and_refuses_another_shape(tiny_lm, seq
 
 def test_head_mlp_width_is_set_by_the_config_and_survives_save_load(tiny_lm, seqs, tmp_path):
     """intermediate_size narrows the head's MLP below the target's (a 1.5B target's 8960 would make a
-    one-layer head 90 MB); the saved head loads back at that width and drafts the same logits."""
+    one-layer head 90 MB); the saved head loads back at that width; unset, the target's width is kept."""
     assert tiny_lm.config.intermediate_size != 24
     tr = Trainer(_cfg(tmp_path, max_steps=2, checkpoint_every=0, intermediate_size=24), lm=tiny_lm,
                  sequences=seqs, progress=False)

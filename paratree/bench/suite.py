@@ -193,7 +193,7 @@ def build_drafter(name: str, lm, heads: dict[str, str] | None = None, assistant:
         return drafters.make_drafter(name, lm, draft_model=assistant)
 
     if heads and name != "plain":
-        family = (drafters.HEAD_DRAFTERS.get(name.removesuffix("+ngram")) or (None,))[0]
+        family = drafters.head_family(name)
         path = heads.get(name) or (heads.get(family) if family else None) or (heads.get("*") if family else None)
         if path:
             return drafters.make_drafter(name, lm, head_path=path)

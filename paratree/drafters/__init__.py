@@ -54,6 +54,12 @@ def default_drafter(model_name: str) -> str:
     return "jetspec" if shipped_head(model_name, "jetspec") else "ngram"
 
 
+def head_family(name: str) -> str | None:
+    """The head family drafter `name` runs on (a merged drafter: its base's), or None for training-free ones."""
+    spec = HEAD_DRAFTERS.get(name.removesuffix("+ngram"))
+    return spec[0] if spec else None
+
+
 def drafter_for_head(path: str | Path) -> str:
     """The tree drafter for a trained head directory, by the family it was trained as."""
     from .heads.block import BlockDraftHead
@@ -139,4 +145,5 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
     raise ValueError(f"unknown drafter '{name}': choose from {', '.join(DRAFTERS)}")
 
 
-__all__ = ["Drafter", "NoDrafter", "NGramDrafter", "make_drafter", "default_drafter", "drafter_for_head", "DRAFTERS", "HEAD_DRAFTERS"]
+__all__ = ["Drafter", "NoDrafter", "NGramDrafter", "make_drafter", "default_drafter", "drafter_for_head", "head_family",
+           "DRAFTERS", "HEAD_DRAFTERS"]

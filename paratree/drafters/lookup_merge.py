@@ -109,9 +109,8 @@ class LookupMergedDrafter:
                     kids.append({})
                     kids[node][t] = nxt
                 node = nxt
-        if len(toks) == tree.num_nodes:  # lookup found nothing new: the head's own tree, as it is
+        if len(toks) == tree.num_nodes:  # lookup found nothing new: the head's own tree, nothing to learn
             tree.meta["grafted"] = 0
-            self._last = (len(tokens), tree, grafted)
             return tree
         # Best-first order (a parent never ranks below its child: cum_logp only falls along a
         # path, and ties keep the earlier index), then the budget's best nodes.
