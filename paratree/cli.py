@@ -21,6 +21,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: model's, capped at 8192)")
 
 
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="run single-sequence verify through TorchInductor: faster steps after a one-off "
+                        "compile of ~1 min per graph (needs a C++ compiler); see docs/benchmarks.md")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -71,7 +77,7 @@ def cmd_generate(args) -> int:
         args.drafter = drafter_for_head(args.head) if args.head else default_drafter(spec) if spec in PACKAGED else "ngram"
     opts = _drafter_options(args)
     pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=32 if budget == "auto" else budget,
-                         max_len=args.max_model_len, **opts)
+                         max_len=args.max_model_len, compile=args.compile, **opts)
     if budget == "auto" and args.drafter != "plain":
         from .engine.sizing import make_auto_sizer
 
@@ -118,7 +124,7 @@ def cmd_models(args) -> int:
 def cmd_bench_plain(args) -> int:
     from .bench.plain import run_bench_plain
 
-    run_bench_plain(args.model, args.dtype, args.max_new_tokens, args.repeats, args.prompt)
+    run_bench_plain(args.model, args.dtype, args.max_new_tokens, args.repeats, args.prompt, compile=args.compile)
     return 0
 
 
@@ -162,7 +168,7 @@ def cmd_bench(args) -> int:
         repeats=args.repeats, dtype=args.dtype, chat=not args.no_chat, assistant=args.assistant,
         json_out=args.json, report_dir=args.report, quick=args.quick, seed=args.seed,
         command="paratree " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or []),
-        heads=parse_heads(args.head),
+        heads=parse_heads(args.head), compile=args.compile,
     )
     res = run_bench(cfg)
     return 130 if res.interrupted else 0
@@ -177,7 +183,7 @@ def cmd_calibrate(args) -> int:
 
     _set_threads(args.threads)
     err = Console(stderr=True)
-    lm = load_model(args.model, args.dtype)
+    lm = load_model(args.model, args.dtype, compile=args.compile)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(CALIBRATION_SIZES)
     sizes = [s for s in sizes if 1 <= s <= args.max_nodes]
     with err.status("measuring verify latency…"):
@@ -292,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max tree nodes per verify, root included, or 'auto' (size each tree from the "
                         "calibrated verify cost, see `paratree calibrate`)")
     _add_drafter_args(g)
+    _add_compile_arg(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -328,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=256)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    _add_compile_arg(b)
     b.set_defaults(func=cmd_bench_plain)
 
     bn = sub.add_parser("bench", help="benchmark decoding methods on eval sets: τ, tokens/s, speedup vs plain")
@@ -354,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     bn.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); profiles are kept per thread count")
+    _add_compile_arg(bn)
     bn.set_defaults(func=cmd_bench)
 
     mc = sub.add_parser("card", help="write MODEL_CARD.md for a trained head from its run records and a bench JSON")
@@ -374,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--past-len", type=int, default=256, help="cached tokens before the tree (default 256)")
     c.add_argument("--repeats", type=int, default=5, help="timings per size; the median is kept")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    _add_compile_arg(c)
     c.set_defaults(func=cmd_calibrate)
 
     from .serve.cli_args import add_serve_parsers

@@ -34,6 +34,24 @@ def test_generate_json_speculative_equals_plain_fp32():
 
 
 @pytest.mark.slow
+def test_generate_compile_equals_eager_plain_fp32():
+    """`--compile` on the real default model: the TorchInductor verify graphs (one token and trees)
+    give exactly the eager runner's greedy tokens."""
+    from paratree.models.compiled import compiler_available
+
+    if not compiler_available():
+        pytest.skip("TorchInductor needs a C++ compiler")
+    args = ["generate", "Repeat exactly, twice: the quick brown fox jumps over the lazy dog.", "--max-new-tokens", "24", "--dtype", "fp32", "--json"]
+    comp = run(*args, "--drafter", "ngram", "--budget", "8", "--compile", timeout=900)
+    plain = run(*args, "--drafter", "plain")
+    assert comp.returncode == 0 and plain.returncode == 0, comp.stderr + plain.stderr
+    assert "torch.compile failed" not in comp.stderr
+    a, b = json.loads(comp.stdout), json.loads(plain.stdout)
+    assert a["token_ids"] == b["token_ids"] and a["num_new_tokens"] == 24
+    assert a["rounds"] < 24  # lookup trees were verified, not only single tokens
+
+
+@pytest.mark.slow
 def test_generate_streams_text_and_stats():
     p = run("generate", "Say hello.", "--max-new-tokens", "12", "--temperature", "0.7", "--top-p", "0.9",
             "--seed", "3", "--stop", "\n\n")

@@ -34,12 +34,13 @@ def _hf_model(path, dtype):
     return m.eval()
 
 
-def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats: int, prompt: str) -> dict:
+def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats: int, prompt: str,
+                    compile: bool = False) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    lm = load_model(model, dtype)
+    lm = load_model(model, dtype, compile=compile)
     pipe = Pipeline(lm, drafter="plain")
     ids = pipe.encode(prompt)
     hf = _hf_model(lm.path, lm.model.embed.weight.dtype)
@@ -69,10 +70,10 @@ def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats:
     table = Table(title=f"plain greedy decoding, {lm.name} ({dtype}), {len(outs['own'])} new tokens, median of {repeats}")
     for c in ("runner", "tokens/s", "vs HF", "of bandwidth floor"):
         table.add_column(c)
-    table.add_row("paratree", f"{own:.1f}", f"{own / hfm:.2f}x", f"{own / floor_tps:.0%}")
+    table.add_row("paratree" + (" (--compile)" if compile else ""), f"{own:.1f}", f"{own / hfm:.2f}x", f"{own / floor_tps:.0%}")
     table.add_row("HF generate()", f"{hfm:.1f}", "1.00x", f"{hfm / floor_tps:.0%}")
     console.print(table)
     console.print(f"weights {weight_bytes / 1e6:.0f} MB, copy bandwidth {bw / 1e9:.1f} GB/s -> floor {floor_tps:.0f} tok/s; "
                   f"outputs identical: {outs['own'] == outs['hf']}")
-    return {"own_tps": own, "hf_tps": hfm, "speedup": own / hfm, "floor_tps": floor_tps,
+    return {"compile": compile, "own_tps": own, "hf_tps": hfm, "speedup": own / hfm, "floor_tps": floor_tps,
             "identical": outs["own"] == outs["hf"]}

@@ -12,7 +12,7 @@ shared machine hits all methods alike and the ratios stay honest. The whole prom
 `repeats` times; the first repeat is a warm-up and is excluded when there are two or more.
 tokens/s is the median over the measured repeats of (new tokens / wall seconds, prefill
 included). Target forwards are counted with a forward pre-hook on the target module, for
-paratree and HF alike.
+paratree and HF alike (plus the calls of a `--compile` graph, which bypass hooks).
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ class BenchConfig:
     progress: bool = True
     command: str | None = None  # the command line, for the report
     heads: dict[str, str] | None = None  # trained head dirs: drafter name or head family -> dir; "*" = any
+    compile: bool = False  # single-sequence verify through TorchInductor (models/compiled.py), for every method
 
     def resolved(self) -> "BenchConfig":
         c = BenchConfig(**self.__dict__)
@@ -216,14 +217,20 @@ def peak_rss_mb() -> float:
 
 
 class ForwardCounter:
-    """Counts calls of a module (one per target forward)."""
+    """Counts calls of a module (one per target forward), its compiled graph's calls included."""
 
     def __init__(self, module: torch.nn.Module):
-        self.n = 0
+        self._hooked = 0
+        self._compiled = getattr(module, "compiled", None)
+        self._c0 = self._compiled.calls if self._compiled is not None else 0
         self._h = module.register_forward_pre_hook(self._hook)
 
+    @property
+    def n(self) -> int:
+        return self._hooked + (self._compiled.calls - self._c0 if self._compiled is not None else 0)
+
     def _hook(self, *_):
-        self.n += 1
+        self._hooked += 1
 
     def close(self):
         self._h.remove()
@@ -284,7 +291,7 @@ class Bench:
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         cfg.dtype = dtype_name(cfg.dtype)
-        self.lm = load_model(cfg.model, cfg.dtype)
+        self.lm = load_model(cfg.model, cfg.dtype, compile=cfg.compile)
         self.dtype = self.lm.model.embed.weight.dtype
         self._hf = None
         self._assistant = None
@@ -506,7 +513,7 @@ def environment(cfg: BenchConfig, lm) -> dict:
         "model": lm.name, "model_path": str(lm.path), "dtype": cfg.dtype, "cpu": cpu_signature(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "compile": cfg.compile,
     }
 
 

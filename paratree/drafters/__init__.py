@@ -123,7 +123,7 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
 
         # A D+1-row head pass is where stock fp32 kernels are slowest: pack it like the target.
         route = getattr(lm.model, "kernel_route", None)
-        packed = linear_kernels(lm.model)[0] != "stock" and pack_linears_for_inference(head, route)
+        packed = linear_kernels(lm.model)[0].removeprefix("inductor-") != "stock" and pack_linears_for_inference(head, route)
         if family == "dspark":
             from .dspark_drafter import DSparkDrafter
 

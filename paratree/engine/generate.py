@@ -92,6 +92,7 @@ class Generator:
         gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         drafter, taps = self.drafter, self.drafter.tap_layers
         gate = getattr(self.sizer, "gate", None)  # AutoSizer: draft only while drafting pays
+        runner.warmup(tuple(taps))  # --compile: graphs are built here, not inside a timed round
         t0 = time.perf_counter()
         runner.reset()
         prompt_taps = runner.prefill(prompt_ids[:-1], taps=taps) if len(prompt_ids) > 1 else None

@@ -303,8 +303,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", tokenizer: bool = True,
-               pack: bool = True) -> LoadedModel:
-    """Load a target model by spec into paratree's own runner format (tokenizer optional for bare checkpoints)."""
+               pack: bool = True, compile: bool = False) -> LoadedModel:
+    """Load a target model by spec into paratree's own runner format (tokenizer optional for bare checkpoints).
+
+    `compile`: single-sequence verify runs through TorchInductor (`models/compiled.py`), calling
+    the same packed linears."""
     from transformers import AutoTokenizer
 
     dt = parse_dtype(dtype)
@@ -316,7 +319,11 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
     load_hf_state_dict(model, load_weights(ckpt))
     model.eval().requires_grad_(False)
     if pack:
-        pack_for_cpu(model, cache_dir())
+        pack_for_cpu(model, cache_dir(), keep_plain=compile)
+    if compile:
+        from .compiled import CompiledDecoder
+
+        model.compiled = CompiledDecoder(model)
     tok = AutoTokenizer.from_pretrained(ckpt) if tokenizer else None
     return LoadedModel(name=name, path=ckpt, model=model, tokenizer=tok, config=cfg)
 

@@ -92,6 +92,12 @@ class TargetRunner:
         self.lengths[seq] = start + len(path)
         self._last_tree_size[seq] = 0
 
+    def warmup(self, taps: tuple[int, ...] = ()) -> None:
+        """Build a compiled model's verify graphs for `taps` before anything is timed (no-op eagerly)."""
+        compiled = getattr(self.model, "compiled", None)
+        if compiled is not None:
+            compiled.warmup(taps)
+
     def step(self, token: int, seq: int = 0) -> torch.Tensor:
         """Plain decoding: feed one committed token, return next-token logits (V,)."""
         out = self.verify(DraftTree.chain([token]), seq=seq)
@@ -115,6 +121,11 @@ class TargetRunner:
             k, v, slots = self.k, self.v, None
         else:  # one sequence of a batched cache: view its row, keep the contiguous write path
             k, v, slots = self.k[:, seq : seq + 1], self.v[:, seq : seq + 1], None
+        compiled = getattr(self.model, "compiled", None)
+        if compiled is not None and need_logits:
+            out = compiled(tree.tokens.view(1, n), positions, k, v, start, mask, taps)
+            if out is not None:
+                return VerifyOutput(logits=out[0][0], taps=None if out[1] is None else out[1][0])
         rows = None if need_logits else torch.tensor([n - 1])
         logits, tapped = self.model(
             tree.tokens.view(1, n), positions, k, v, kv_len, slots=slots, mask=mask, taps=taps, logits_rows=rows

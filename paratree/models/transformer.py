@@ -9,6 +9,8 @@ decode step.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from pathlib import Path
 
 import torch
@@ -45,7 +47,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.rms_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_len):
+    def project(self, x, cos, sin):
+        """q (B, nh, T, hd) and k, v (B, nkv, T, hd) for `x`, RoPE applied (norms first for Qwen3)."""
         b, t, _ = x.shape
         qkv = self.wqkv(x)
         nq = self.nh + self.nkv
@@ -57,7 +60,18 @@ class Attention(nn.Module):
         qk = qk.transpose(1, 2)
         qk = qk * cos + torch.roll(qk, self.hd // 2, dims=-1) * sin
         q, k = qk.split([self.nh, self.nkv], dim=1)
-        v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
+        return q, k, v.view(b, t, self.nkv, self.hd).transpose(1, 2)
+
+    def attend(self, q, keys, vals, mask, out_dtype):
+        """SDPA over the given keys/values, then the output projection."""
+        b, _, t, _ = q.shape
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, vals, attn_mask=mask,
+                                           enable_gqa=self.nh != self.nkv)
+        return self.wo(y.to(out_dtype).transpose(1, 2).reshape(b, t, self.nh * self.hd))
+
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_len):
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if slots is None:  # contiguous write shared by the batch (the common single-stream case)
             start = kv_len - t
             k_cache[:, :, start:kv_len] = k
@@ -71,9 +85,8 @@ class Attention(nn.Module):
             # CPU SDPA in bf16 is 4x slower than in fp32 for a single query (AVX512-BF16 EPYC, per layer:
             # 614 vs 153 us over 1000 keys; 2968 vs 693 us for a batch of 16 over 300): upcasting q/k/v
             # costs less than it saves. From 2 queries on, the two are equal, so trees stay in bf16.
-            q, keys, vals = q.float(), keys.float(), vals.float()
-        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=self.nh != self.nkv)
-        return self.wo(y.to(x.dtype).transpose(1, 2).reshape(b, t, self.nh * self.hd))
+            keys, vals = keys.float(), vals.float()
+        return self.attend(q, keys, vals, mask, x.dtype)
 
 
 class MLP(nn.Module):
@@ -161,6 +174,27 @@ class Transformer(nn.Module):
         return logits, (torch.cat(tapped, dim=-1) if tapped else None)
 
 
+# PackedLinears by handle, for the custom op below (weak: a dropped model frees its weights).
+_HANDLES = itertools.count()
+# Set by CompiledDecoder while it traces/calls its frozen one-token graph (Dynamo guards on it).
+FROZEN_TRACE = False
+_PACKED: "weakref.WeakValueDictionary[int, PackedLinear]" = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("paratree::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """A PackedLinear as one opaque op, so TorchInductor graphs can call it (`models/compiled.py`).
+
+    Its packed weights are oneDNN/MKL layouts that tracing cannot represent. Inductor's own
+    packing (`freezing`) specialised its graphs on the row count, one compile per tree size."""
+    return _PACKED[handle]._run(x)
+
+
+@packed_linear.register_fake
+def _(x, handle, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
 class PackedLinear(nn.Module):
     """A Linear whose weight is also pre-packed for the CPU GEMM kernels (inference only).
 
@@ -172,20 +206,36 @@ class PackedLinear(nn.Module):
     layout: its stock GEMV streams ~11 GB/s, the packed one ~19 GB/s.
     """
 
-    def __init__(self, linear: nn.Linear, route: KernelRoute | None):
+    def __init__(self, linear: nn.Linear, route: KernelRoute | None, keep_plain: bool = False):
         super().__init__()
         self.out_features = linear.out_features
         w = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.route = route if w.dtype == torch.float32 else None
-        self.plain = w if self.route is not None else None
+        self.plain = w if self.route is not None or keep_plain else None
+        # keep_plain (--compile): the one-token graph is frozen, and Inductor packs its own copy
+        # from this Parameter (a view of the same weight memory).
+        self.frozen_w = nn.Parameter(w, requires_grad=False) if keep_plain else None
         self.buckets = self.route.buckets if self.route is not None else ()
         self.mkl = {m: torch.ops.mkl._mkl_reorder_linear_weight(w, m) for m in self.buckets}
         need_onednn = self.route is None or self.route.uses_onednn
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 16) if need_onednn else None
 
+        self.handle = next(_HANDLES)
+        _PACKED[self.handle] = self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
+        if torch.compiler.is_compiling():
+            if FROZEN_TRACE and self.frozen_w is not None:
+                y = F.linear(x2, self.frozen_w, self.bias)
+            else:
+                y = packed_linear(x2, self.handle, self.out_features)
+        else:
+            y = self._run(x2)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _run(self, x2: torch.Tensor) -> torch.Tensor:
         rows = x2.shape[0]
         kernel = "onednn" if self.route is None else self.route.kernel(rows)
         if kernel == "onednn":
@@ -196,7 +246,7 @@ class PackedLinear(nn.Module):
             y = torch.ops.mkl._mkl_linear(xp, self.mkl[m], self.plain, self.bias, m)[:rows]
         else:
             y = F.linear(x2, self.plain, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y
 
 
 def _available_bytes() -> int:
@@ -234,7 +284,7 @@ def _pack_plan(module: nn.Module, cache: Path | None) -> tuple[bool, KernelRoute
     return route.name != "stock", route
 
 
-def _swap_linears(module: nn.Module, route: KernelRoute | None) -> bool:
+def _swap_linears(module: nn.Module, route: KernelRoute | None, keep_plain: bool = False) -> bool:
     dt = next(module.parameters()).dtype
     try:
         probe = PackedLinear(nn.Linear(8, 8, bias=True).to(dt), route)
@@ -245,23 +295,24 @@ def _swap_linears(module: nn.Module, route: KernelRoute | None) -> bool:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child, route))
+                setattr(parent, name, PackedLinear(child, route, keep_plain))
     return True
 
 
-def pack_for_cpu(model: "Transformer", cache: Path | None = None) -> bool:
+def pack_for_cpu(model: "Transformer", cache: Path | None = None, keep_plain: bool = False) -> bool:
     """Swap the decoder's Linears for packed ones where supported; returns whether it did.
 
     bf16: oneDNN-packed only. fp32: the plain weight plus the packed layouts of the kernel route
     timed on this CPU (`models/kernels.py`, cached under `cache`), as many copies as fit in 60%
     of the memory available now. fp64 (the exactness tests) and other dtypes are left alone.
+    `keep_plain`: bf16 keeps its plain weight too (`--compile` freezes a graph from it).
     """
     ok, route = _pack_plan(model.layers, cache)
     model.kernel_route = route if route is not None and route.name == "stock" else None  # fp32 timed stock
-    if not ok or not _swap_linears(model.layers, route):
+    if not ok or not _swap_linears(model.layers, route, keep_plain):
         return False
     # lm_head keeps its plain weight too: draft heads share it (frozen) with the target.
-    model.lm_head_packed = PackedLinear(model.lm_head, route)
+    model.lm_head_packed = PackedLinear(model.lm_head, route, keep_plain)
     model.kernel_route = route
     return True
 
@@ -281,15 +332,17 @@ def pack_linears_for_inference(module: nn.Module, route: KernelRoute | None) -> 
 
 def linear_kernels(model: "Transformer") -> tuple[str, tuple[int, ...]]:
     """(route name, MKL row buckets): which GEMM kernels the decoder's Linears use ('stock',
-    'onednn', 'stock2-mkl4.8.16.32.64-stock', ...).
+    'onednn', 'stock2-mkl4.8.16.32.64-stock', 'inductor-onednn', ...).
 
     The verify cost curve depends on it (a bucketed kernel makes the curve a staircase), so
     calibration profiles are keyed by it and measure both sides of every bucket edge.
     """
     lin = model.layers[0].mlp.w13 if len(model.layers) else None
-    if not isinstance(lin, PackedLinear):
-        return "stock", ()
-    return ("onednn", ()) if lin.route is None else (lin.route.name, lin.buckets)
+    name, buckets = ("stock", ()) if not isinstance(lin, PackedLinear) else \
+        ("onednn", ()) if lin.route is None else (lin.route.name, lin.buckets)
+    if getattr(model, "compiled", None) is not None:  # the same kernels inside TorchInductor graphs
+        name = "inductor-" + name
+    return name, buckets
 
 
 def hf_layout(cfg: ModelConfig) -> list[tuple[str, list[str], list[int]]]:
