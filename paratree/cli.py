@@ -17,7 +17,8 @@ EXIT_USER_ERROR = 2
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file (default: smollm2-135m)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (default: bf16 on GPUs and bf16-native CPUs, else fp32), bf16, fp32, fp64")
+                   help="auto (default: bf16 on GPUs and bf16-native CPUs, else fp32), gguf (a GGUF model's own "
+                        "4-bit weights on torch's int4 CPU kernel, bf16 activations), bf16, fp32, fp64")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: model's, capped at 8192)")
 
 

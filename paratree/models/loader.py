@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import SUPPORTED_ARCHS, ModelConfig, UnsupportedModelError
+from .quant import load_int4_linears, source_gguf
 from .transformer import Transformer, load_hf_state_dict, pack_for_cpu
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -295,10 +296,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return name
     if name == "auto":
         name = auto_dtype()
+    if name == "gguf":  # the GGUF's own 4-bit weights (models/quant.py) with bf16 activations
+        return torch.bfloat16
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
              "fp64": torch.float64, "float64": torch.float64, "fp16": torch.float16, "float16": torch.float16}
     if name not in table:
-        raise ValueError(f"unknown dtype '{name}': use one of auto, bf16, fp32, fp64, fp16")
+        raise ValueError(f"unknown dtype '{name}': use one of auto, gguf, bf16, fp32, fp64, fp16")
     return table[name]
 
 
@@ -313,13 +316,23 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
     dt = parse_dtype(dtype)
     name, ckpt = checkpoint_dir(spec)
     cfg = read_config(ckpt)
+    gguf = None
+    if dtype_name(dtype) == "gguf":
+        gguf = source_gguf(ckpt)
+        if gguf is None:
+            raise UnsupportedModelError(f"--dtype gguf needs a GGUF model; '{name}' is a dense checkpoint "
+                                        "(use bf16, fp32 or fp64)")
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu").to(dt)
-    load_hf_state_dict(model, load_weights(ckpt))
+    sd = load_weights(ckpt)
+    load_hf_state_dict(model, sd)
     model.eval().requires_grad_(False)
     if pack:
         pack_for_cpu(model, cache_dir(), keep_plain=compile)
+    if gguf is not None:
+        model.weight_counts = load_int4_linears(model, gguf, sd)
+    del sd
     if compile:
         from .compiled import CompiledDecoder
 

@@ -338,8 +338,11 @@ def linear_kernels(model: "Transformer") -> tuple[str, tuple[int, ...]]:
     calibration profiles are keyed by it and measure both sides of every bucket edge.
     """
     lin = model.layers[0].mlp.w13 if len(model.layers) else None
-    name, buckets = ("stock", ()) if not isinstance(lin, PackedLinear) else \
-        ("onednn", ()) if lin.route is None else (lin.route.name, lin.buckets)
+    if type(lin).__name__ == "Int4Linear":  # the GGUF's 4-bit codes (models/quant.py)
+        name, buckets = "int4", ()
+    else:
+        name, buckets = ("stock", ()) if not isinstance(lin, PackedLinear) else \
+            ("onednn", ()) if lin.route is None else (lin.route.name, lin.buckets)
     if getattr(model, "compiled", None) is not None:  # the same kernels inside TorchInductor graphs
         name = "inductor-" + name
     return name, buckets
