@@ -341,12 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="benchmark decoding methods on eval sets: τ, tokens/s, speedup vs plain")
     bn.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")
-    bn.add_argument("--dtype", default="auto", help="auto (default), bf16, fp32, fp64")
+    bn.add_argument("--dtype", default="auto", help="auto (default), gguf, bf16, fp32, fp64")
     bn.add_argument("--dataset", default="gsm8k",
                     help="gsm8k, humaneval, mt_bench or a .jsonl file; comma-separated list allowed")
     bn.add_argument("--methods", default=None,
-                    help="comma-separated: plain, hf, hf-pld, hf-assisted and paratree drafters "
-                         "(name or name@budget); default: all")
+                    help="comma-separated: plain, hf, hf-pld, hf-assisted, llama.cpp, llama.cpp-lookup "
+                         "(llama-cpp-python on the same GGUF: scripts/build_llama_cpp.sh) and paratree "
+                         "drafters (name or name@budget); default: all but llama.cpp")
     bn.add_argument("--limit", type=int, default=10, help="prompts per dataset (default 10)")
     bn.add_argument("--max-new-tokens", type=int, default=128)
     bn.add_argument("--budget", default=None,
@@ -378,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="measure verify latency vs tree size; store the profile for --budget auto")
     c.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")
-    c.add_argument("--dtype", default="auto", help="auto (default), bf16, fp32, fp64")
+    c.add_argument("--dtype", default="auto", help="auto (default), gguf, bf16, fp32, fp64")
     c.add_argument("--max-nodes", type=int, default=256)
     c.add_argument("--sizes", default=None, help="comma-separated tree sizes (default 1,2,4,…,192,256)")
     c.add_argument("--past-len", type=int, default=256, help="cached tokens before the tree (default 256)")

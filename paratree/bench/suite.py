@@ -2,7 +2,8 @@
 
 Methods: `plain` (own runner, no drafter), `hf` (transformers `generate()` on the same
 converted checkpoint), `hf-pld` (transformers prompt lookup), `hf-assisted` (transformers
-assisted generation, only with `--assistant`), and every paratree drafter in
+assisted generation, only with `--assistant`), `llama.cpp` and `llama.cpp-lookup` (the same GGUF
+through llama-cpp-python, `bench/llama_peer.py`; only when named), and every paratree drafter in
 `paratree.drafters.DRAFTERS` at each tree budget (`name@budget` picks one budget; `auto`
 sizes each tree against this machine's calibrated verify cost).
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .llama_peer import LLAMA_METHODS, LlamaPeer
 
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
 DEFAULT_BUDGETS = (8, 16, 32, 64, 128, "auto")
@@ -76,7 +79,7 @@ def paratree_drafters() -> list[str]:
 @dataclass(frozen=True)
 class MethodSpec:
     label: str  # as shown and stored: plain, hf, hf-pld, ngram@32, ngram@auto
-    kind: str  # "paratree" or "hf"
+    kind: str  # "paratree", "hf" or "llama.cpp"
     drafter: str | None  # paratree drafter name; HF method name for kind "hf"
     budget: int | str | None  # tree budget (root included); 1 for plain; None for HF
 
@@ -116,11 +119,15 @@ def expand_methods(methods: list[str] | None, budgets: list[int | str], assistan
                     notes.append("hf-assisted skipped (no --assistant MODEL given)")
                 continue
             add(MethodSpec(name, "hf", name, None))
+        elif name in LLAMA_METHODS:
+            if b:
+                raise ValueError(f"method '{m}': llama.cpp methods take no @budget")
+            add(MethodSpec(name, "llama.cpp", name, None))
         elif name in drafters:
             for bud in ([parse_budget(b)] if b else budgets):
                 add(MethodSpec(f"{name}@{bud}", "paratree", name, bud))
         else:
-            choices = ", ".join(["plain", *HF_METHODS, *drafters])
+            choices = ", ".join(["plain", *HF_METHODS, *LLAMA_METHODS, *drafters])
             raise ValueError(f"unknown method '{m}': choose from {choices} (drafters also as name@budget)")
     if "plain" not in seen:
         notes.append("plain added: speedups and greedy mismatches are measured against it")
@@ -295,6 +302,7 @@ class Bench:
         self.dtype = self.lm.model.embed.weight.dtype
         self._hf = None
         self._assistant = None
+        self._llama: LlamaPeer | None = None
         self._runner = None
         self._runner_len = 0
         self.profile: dict | None = None
@@ -373,6 +381,21 @@ class Bench:
         dt = time.perf_counter() - t
         return res.token_ids, dt, counter.n - c0, res
 
+    def llama(self, need: int) -> LlamaPeer:
+        """The llama.cpp peer on this model's GGUF, with a context of `need` tokens, same threads as torch."""
+        if self._llama is None or self._llama.n_ctx < need:
+            from ..models.quant import source_gguf
+
+            self._llama = LlamaPeer(source_gguf(self.lm.path), need, torch.get_num_threads())
+        return self._llama
+
+    def run_llama(self, spec: MethodSpec, ids: list[int], i: int, need: int, max_new: int | None = None):
+        peer = self.llama(need)
+        t = time.perf_counter()
+        new = peer.generate(spec.drafter, ids, max_new or self.cfg.max_new_tokens, self.lm.eos_ids,
+                            self.cfg.temperature, self.cfg.seed + i)
+        return new, time.perf_counter() - t, 0, None
+
     def run_hf(self, spec: MethodSpec, ids: list[int], i: int, counter: ForwardCounter, max_new: int | None = None):
         from transformers import GenerationConfig
 
@@ -425,7 +448,8 @@ def summarize(spec: MethodSpec, dataset: str, runs: _Runs, cfg: BenchConfig, n_p
         "warmup_excluded": len(reps) >= 2,
         "new_tokens": last["tokens"],
         "target_forwards": last["forwards"],
-        "tokens_per_forward": last["tokens"] / max(1, last["forwards"]),
+        # llama.cpp does not expose its forward count
+        "tokens_per_forward": None if spec.kind == "llama.cpp" else last["tokens"] / max(1, last["forwards"]),
         "tokens_per_s": statistics.median(tps),
         "tokens_per_s_repeats": tps,
         "wall_s": last["seconds"],
@@ -640,6 +664,9 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
                         if spec.kind == "paratree":
                             gen, counter = bench.make_generator(spec, need), own_counter
                             bench.run_paratree(gen, all_ids[0], 0, counter, max_new=4)
+                        elif spec.kind == "llama.cpp":
+                            gen, counter = None, None
+                            bench.run_llama(spec, all_ids[0], 0, need, max_new=4)
                         else:
                             gen, model = None, bench.hf_model()
                             if hf_counter is None:
@@ -665,6 +692,9 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
                                     if spec.kind == "paratree":
                                         new, dt, fwd, res = bench.run_paratree(gen, ids, i, counter)
                                         reason = res.finish_reason
+                                    elif spec.kind == "llama.cpp":
+                                        new, dt, fwd, res = bench.run_llama(spec, ids, i, need)
+                                        reason = "stop" if new and new[-1] in lm.eos_ids else "length"
                                     else:
                                         new, dt, fwd, res = bench.run_hf(spec, ids, i, counter)
                                         reason = "stop" if new and new[-1] in lm.eos_ids else "length"
