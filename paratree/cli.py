@@ -17,8 +17,9 @@ EXIT_USER_ERROR = 2
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file (default: smollm2-135m)")
     p.add_argument("--dtype", default="auto",
-                   help="auto (default: bf16 on GPUs and bf16-native CPUs, else fp32), gguf (a GGUF model's own "
-                        "4-bit weights on torch's int4 CPU kernel, bf16 activations), bf16, fp32, fp64")
+                   help="auto (default: on CPUs that multiply bf16 natively, gguf for GGUF models and bf16 for "
+                        "others; bf16 on GPUs; else fp32), gguf (a GGUF model's own 4-bit weights on "
+                        "torch's int4 CPU kernel, bf16 activations), bf16, fp32, fp64")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: model's, capped at 8192)")
 
 
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(args, "dtype", None), str):
             from .models.loader import dtype_name
 
-            args.dtype = dtype_name(args.dtype)  # 'auto' -> what this machine runs fastest
+            args.dtype = dtype_name(args.dtype, getattr(args, "model", None))  # 'auto' -> fastest here
         return args.func(args)
     except (ModelNotFoundError, UnsupportedModelError, ContextOverflowError, ValueError) as e:
         print(f"paratree: error: {e}", file=sys.stderr)

@@ -476,3 +476,34 @@ def test_auto_sizer_stops_drafting_when_drafts_do_not_pay(tiny, cache):
     assert res.token_ids == plain.token_ids
     assert sizer.gate.skipped > res.rounds / 2 and SlowDrafter.calls == res.rounds - sizer.gate.skipped
     assert sizer.gate.rate("plain") > sizer.gate.rate("draft")
+
+
+def test_llama_methods_parse_and_refuse_budgets_and_dense_models():
+    from paratree.bench.llama_peer import LlamaPeer, LlamaPeerError
+
+    specs, _ = expand_methods(["llama.cpp", "llama.cpp-lookup", "ngram@4"], [8])
+    assert [(s.label, s.kind) for s in specs] == [("plain", "paratree"), ("llama.cpp", "llama.cpp"),
+                                                 ("llama.cpp-lookup", "llama.cpp"), ("ngram@4", "paratree")]
+    with pytest.raises(ValueError, match="take no @budget"):
+        expand_methods(["llama.cpp@8"], [8])
+    with pytest.raises(LlamaPeerError, match="GGUF models only"):
+        LlamaPeer(None, 512, 1)
+
+
+@pytest.mark.slow
+def test_llama_cpp_peer_runs_the_same_gguf_in_the_bench_process(tmp_path):
+    """Exercised where llama-cpp-python is installed (scripts/build_llama_cpp.sh): both peers decode
+    the default model's GGUF on the bench's prompts, greedy, and report tokens/s without a forward count."""
+    from paratree.bench.llama_peer import llama_cpp_available
+
+    if not llama_cpp_available():
+        pytest.skip("llama-cpp-python is not installed (bash scripts/build_llama_cpp.sh)")
+    cfg = BenchConfig(datasets=["gsm8k"], methods=["plain", "llama.cpp", "llama.cpp-lookup"], limit=2,
+                      max_new_tokens=16, repeats=1, dtype="gguf", progress=False, json_out=str(tmp_path / "b.json"))
+    rows = {r["method"]: r for r in run_bench(cfg).rows}
+    assert set(rows) == {"plain", "llama.cpp", "llama.cpp-lookup"}
+    for m in ("llama.cpp", "llama.cpp-lookup"):
+        r = rows[m]
+        assert r["kind"] == "llama.cpp" and r["tokens_per_forward"] is None and r["tau"] is None
+        assert 2 <= r["new_tokens"] <= 32 and r["tokens_per_s"] > 0 and r["greedy_mismatches"] is not None
+    assert len(json.loads((tmp_path / "b.json").read_text())) == 3

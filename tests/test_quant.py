@@ -98,3 +98,27 @@ def test_default_model_runs_its_own_q4_codes(default_ckpt):
     a = _own_greedy(TargetRunner(lm.model, max_len=128), prompt, 24)
     b = _own_greedy(TargetRunner(dense.model, max_len=128), prompt, 24)
     assert a == b
+
+
+def test_codes_that_do_not_reproduce_the_model_are_refused(default_ckpt):
+    """A GGUF that is not the file the dense weights came from fails loudly, naming the tensor."""
+    from paratree.models.loader import load_model, load_weights
+    from paratree.models.quant import load_int4_linears, source_gguf
+
+    lm = load_model(None, "bf16", tokenizer=False, pack=False)
+    sd = load_weights(default_ckpt)
+    sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"] * 1.01
+    with pytest.raises(QuantFormatError, match="blk.0.attn_k.weight"):
+        load_int4_linears(lm.model, source_gguf(default_ckpt), sd)
+
+
+def test_auto_runs_a_gguf_model_on_its_own_codes_where_bf16_is_native(tiny_ckpts, monkeypatch):
+    from paratree.models import loader
+
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
+    assert loader.dtype_name("auto", None) == "gguf"  # the default model ships as a Q4_1 GGUF
+    assert loader.dtype_name("auto", str(tiny_ckpts["llama"])) == "bf16"  # a dense checkpoint
+    assert loader.dtype_name("auto") == "bf16"  # no model named (e.g. the trainer's head dtype)
+    assert loader.dtype_name("auto", "no-such-model") == "bf16"  # the load reports the bad name itself
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+    assert loader.dtype_name("auto", None) == "fp32"

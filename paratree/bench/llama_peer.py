@@ -14,10 +14,13 @@ does not expose its forward count, so tokens per forward is not reported for it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 LLAMA_METHODS = ("llama.cpp", "llama.cpp-lookup")
-LOOKUP_TOKENS = 10  # draft length of the lookup peer; hf-pld uses the same
+# Draft length of the lookup peer: llama.cpp's own default (`--spec-draft-n-max` 3). With 10, as hf-pld
+# uses, llama-cpp-python's lookup ran at 0.4x its plain decoding on 2 cores (docs/benchmarks.md).
+LOOKUP_TOKENS = 3
 
 
 class LlamaPeerError(RuntimeError):
@@ -25,11 +28,7 @@ class LlamaPeerError(RuntimeError):
 
 
 def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 class LlamaPeer:

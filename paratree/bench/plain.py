@@ -1,4 +1,5 @@
-"""`paratree bench-plain`: the own runner vs HF `generate()`, plain greedy decoding, one process.
+"""`paratree bench-plain`: the own runner vs HF `generate()` (and llama.cpp on the same GGUF, when
+llama-cpp-python is installed), plain greedy decoding, one process.
 
 Also reports the memory-bandwidth floor: one decode step must stream every
 weight byte once, so weight bytes / measured bandwidth bounds tokens/s.
@@ -13,6 +14,8 @@ import torch
 
 from ..engine.pipeline import Pipeline
 from ..models.loader import load_model
+from ..models.quant import source_gguf, streamed_weight_bytes
+from .llama_peer import LlamaPeer, llama_cpp_available
 
 
 def measure_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -45,8 +48,11 @@ def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats:
     ids = pipe.encode(prompt)
     hf = _hf_model(lm.path, lm.model.embed.weight.dtype)
     x = torch.tensor([ids])
-    rows = {"own": [], "hf": []}
+    rows = {"own": [], "hf": [], "llama.cpp": []}
     outs = {}
+    gguf = source_gguf(lm.path)
+    peer = LlamaPeer(gguf, len(ids) + max_new_tokens + 8, torch.get_num_threads()) \
+        if gguf is not None and llama_cpp_available() else None
     for r in range(repeats + 1):  # first round is warm-up
         t = time.perf_counter()
         _, res = pipe.generate(ids, max_new_tokens)
@@ -58,22 +64,33 @@ def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats:
             out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n_own, min_new_tokens=n_own,
                               do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
         hf_s = time.perf_counter() - t
+        if peer is not None:  # the same GGUF in llama.cpp, same token count (no EOS stop)
+            t = time.perf_counter()
+            peer.generate("llama.cpp", ids, n_own, set(), 0.0, 0)
+            if r:
+                rows["llama.cpp"].append(n_own / (time.perf_counter() - t))
         if r:
             rows["own"].append(n_own / own_s)
             rows["hf"].append(n_own / hf_s)
         outs = {"own": res.token_ids, "hf": out[0, len(ids):].tolist()}
     bw = measure_bandwidth()
-    # Packed linears are not Parameters; count from the architecture (every weight is streamed once per step).
-    weight_bytes = lm.config.num_params * lm.model.embed.weight.element_size()
+    weight_bytes = streamed_weight_bytes(lm.model)  # as stored: 4-bit codes + scales under --dtype gguf
     floor_tps = bw / weight_bytes
     own, hfm = statistics.median(rows["own"]), statistics.median(rows["hf"])
     table = Table(title=f"plain greedy decoding, {lm.name} ({dtype}), {len(outs['own'])} new tokens, median of {repeats}")
     for c in ("runner", "tokens/s", "vs HF", "of bandwidth floor"):
         table.add_column(c)
     table.add_row("paratree" + (" (--compile)" if compile else ""), f"{own:.1f}", f"{own / hfm:.2f}x", f"{own / floor_tps:.0%}")
-    table.add_row("HF generate()", f"{hfm:.1f}", "1.00x", f"{hfm / floor_tps:.0%}")
+    table.add_row("HF generate()" + (" (bf16 de-quantised)" if dtype == "gguf" else ""), f"{hfm:.1f}", "1.00x",
+                  f"{hfm / floor_tps:.0%}")
+    llama = statistics.median(rows["llama.cpp"]) if rows["llama.cpp"] else None
+    if llama is not None:
+        table.add_row("llama.cpp (same GGUF)", f"{llama:.1f}", f"{llama / hfm:.2f}x", f"{llama / floor_tps:.0%}")
     console.print(table)
     console.print(f"weights {weight_bytes / 1e6:.0f} MB, copy bandwidth {bw / 1e9:.1f} GB/s -> floor {floor_tps:.0f} tok/s; "
                   f"outputs identical: {outs['own'] == outs['hf']}")
-    return {"compile": compile, "own_tps": own, "hf_tps": hfm, "speedup": own / hfm, "floor_tps": floor_tps,
+    if llama is not None:
+        console.print(f"paratree / llama.cpp: {own / llama:.2f}x")
+    return {"compile": compile, "own_tps": own, "hf_tps": hfm, "llama_cpp_tps": llama, "speedup": own / hfm,
+            "floor_tps": floor_tps,
             "identical": outs["own"] == outs["hf"]}

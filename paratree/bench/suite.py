@@ -297,7 +297,7 @@ class Bench:
 
         self.cfg = cfg
         self.console = console or Console(stderr=True)
-        cfg.dtype = dtype_name(cfg.dtype)
+        cfg.dtype = dtype_name(cfg.dtype, cfg.model)
         self.lm = load_model(cfg.model, cfg.dtype, compile=cfg.compile)
         self.dtype = self.lm.model.embed.weight.dtype
         self._hf = None

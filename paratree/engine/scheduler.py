@@ -281,7 +281,7 @@ def measure_verify_cost(runner: TargetRunner, sizes=(1, 4, 16, 64, 256), repeats
         runner.lengths[:] = saved
 
 
-def cost_model_key(ckpt: str, dtype: torch.dtype, max_batch: int) -> str:
+def cost_model_key(ckpt: str, dtype: torch.dtype | str, max_batch: int) -> str:
     raw = f"{ckpt}|{dtype}|{torch.get_num_threads()}|{max_batch}|{platform.machine()}|{platform.node()}|{torch.__version__}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

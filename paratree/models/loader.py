@@ -273,17 +273,29 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def auto_dtype(device: str = "cpu") -> str:
-    """The fastest exact-enough dtype here: bf16 on GPUs and bf16-native CPUs, fp32 elsewhere."""
-    if device.startswith("cuda") or cpu_has_native_bf16():
+_NO_MODEL = object()  # auto_dtype's spec when no model is named (None names the default model)
+
+
+def auto_dtype(device: str = "cpu", spec=_NO_MODEL) -> str:
+    """The fastest dtype here: on bf16-native CPUs a GGUF model runs its own 4-bit weights (`gguf`,
+    2-3x the bf16 de-quantisation's decode speed, docs/benchmarks.md) and other models bf16; bf16 on
+    GPUs; fp32 elsewhere (CPUs that only emulate bf16)."""
+    if device.startswith("cuda"):
         return "bf16"
-    return "fp32"
+    if not cpu_has_native_bf16():
+        return "fp32"
+    if spec is _NO_MODEL:
+        return "bf16"
+    try:
+        return "gguf" if resolve(spec)[1].suffix == ".gguf" else "bf16"
+    except (ModelNotFoundError, UnsupportedModelError):
+        return "bf16"  # an unknown model fails later, where it is loaded, with its own message
 
 
-def dtype_name(name: str | torch.dtype) -> str:
-    """Canonical short name of a dtype spec, resolving 'auto' for this machine."""
+def dtype_name(name: str | torch.dtype, spec=_NO_MODEL) -> str:
+    """Canonical short name of a dtype spec, resolving 'auto' for this machine and model `spec`."""
     if name == "auto":
-        return auto_dtype()
+        return auto_dtype(spec=spec)
     if isinstance(name, torch.dtype):
         return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16"}.get(
             name, str(name).replace("torch.", ""))
@@ -313,11 +325,12 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
     the same packed linears."""
     from transformers import AutoTokenizer
 
+    dtype = dtype_name(dtype, spec)
     dt = parse_dtype(dtype)
     name, ckpt = checkpoint_dir(spec)
     cfg = read_config(ckpt)
     gguf = None
-    if dtype_name(dtype) == "gguf":
+    if dtype == "gguf":
         gguf = source_gguf(ckpt)
         if gguf is None:
             raise UnsupportedModelError(f"--dtype gguf needs a GGUF model; '{name}' is a dense checkpoint "

@@ -79,6 +79,7 @@ class Int4Linear(nn.Module):
         # (K/32, N, 2): the kernel's scale and zero per group, as `(q - 8) * S + Z`.
         self.scales_zeros = torch.stack([scale, base + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
+        self.weight_bytes = self.packed.nbytes + self.scales_zeros.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -175,3 +176,19 @@ def _affine(q: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """scale * code + base per group, in fp32 like gguf-py."""
     g = torch.arange(q.shape[1]) // GROUP
     return q.float() * s[:, g] + b[:, g]
+
+
+
+def streamed_weight_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every decoder linear as stored (4-bit codes and their bf16
+    scales, or dense), the norms and the LM head (the embedding lookup reads one row: not counted).
+
+    Plain decoding's bandwidth floor is this over the memory bandwidth."""
+    head = getattr(model, "lm_head_packed", None) or model.lm_head
+    total = 0
+    for m in [*model.layers.modules(), model.norm, head]:
+        if hasattr(m, "weight_bytes"):  # Int4Linear, PackedLinear: what their kernels read
+            total += m.weight_bytes + (0 if m.bias is None else m.bias.nbytes)
+        else:
+            total += sum(p.nbytes for p in m.parameters(recurse=False))
+    return total

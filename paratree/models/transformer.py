@@ -210,6 +210,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features = linear.out_features
         w = linear.weight.detach()
+        self.weight_bytes = w.numel() * w.element_size()  # what one pass reads, whichever layout serves it
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.route = route if w.dtype == torch.float32 else None
         self.plain = w if self.route is not None or keep_plain else None

@@ -14,6 +14,7 @@ from ..engine.pipeline import encode_prompt
 from ..engine.scheduler import Scheduler, ServePolicy, cost_model_key, load_or_measure_cost
 from ..models.loader import LoadedModel, cache_dir, load_model
 from ..models.runner import TargetRunner
+from ..models.transformer import linear_kernels
 from ..tree.cost import VerifyCostModel
 
 
@@ -68,7 +69,8 @@ class ServeEngine:
         4. a quick batched measurement now (6 sizes, 2 timed sweeps), stored for the next start."""
         sizes = tuple(sorted({1, 4, 16, 64, min(128, budget * max_batch), min(256, budget * max_batch)}))
         if path is None:
-            dtype = next(lm.model.parameters()).dtype
+            # keyed by the linear kernels too: a gguf model's int4 curve is not its bf16 twin's
+            dtype = f"{next(lm.model.parameters()).dtype}-{linear_kernels(lm.model)[0]}"
             path = cache_dir() / "serve" / f"verify-cost-{cost_model_key(str(lm.path), dtype, max_batch)}.json"
             if not path.is_file():
                 try:
