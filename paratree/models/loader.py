@@ -345,6 +345,9 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         pack_for_cpu(model, cache_dir(), keep_plain=compile)
     if gguf is not None:
         model.weight_counts = load_int4_linears(model, gguf, sd)
+        if model.weight_counts["dense"] == 0:  # every linear row-invariant: make attention so too
+            for layer in model.layers:
+                layer.attn.row_invariant = True
     del sd
     if compile:
         from .compiled import CompiledDecoder

@@ -1,0 +1,148 @@
+"""Exact by construction on the GGUF runtime (`--dtype gguf`): a tree node, a batched row, a chunked
+prefill and a speculative round compute bit for bit what plain decoding computes (`torch.equal`).
+
+Why it holds: the int4 linears reduce each row in a fixed order whatever the row count
+(tests/test_quant.py), RMSNorm and the element-wise ops are per row, and attention runs
+`row_invariant_attention` (models/transformer.py). These tests check the whole forward."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paratree.models.transformer import KEY_CHUNK, row_invariant_attention
+from paratree.tree.draft_tree import DraftTree
+from test_runner import trees
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(4, 4), (6, 2), (9, 3), (8, 1)]), st.integers(1, 2), st.integers(1, 3 * KEY_CHUNK + 5),
+       st.integers(1, 20), st.integers(0, 2**31 - 1))
+def test_attention_rows_do_not_depend_on_other_rows_or_unseen_keys(heads, batch, past, t, seed):
+    nh, nkv = heads
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, nh, t, 16, generator=g)
+    k = torch.randn(batch, nkv, past + t, 16, generator=g)
+    v = torch.randn(batch, nkv, past + t, 16, generator=g)
+    mask = torch.ones(batch, 1, t, past + t, dtype=torch.bool)
+    mask[..., past:] = torch.rand(t, t, generator=g).lt(0.5).tril(-1) | torch.eye(t, dtype=torch.bool)
+    out = row_invariant_attention(q, k, v, mask)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=nh != nkv)
+    assert (out.double() - ref).abs().max() < 1e-5
+    for b in range(batch):
+        for i in range(t):
+            seen = mask[b, 0, i].nonzero().flatten()
+            # the same query alone, over only the keys it sees, padded with the cache's stale slots
+            keys, vals = k[b:b + 1, :, seen], v[b:b + 1, :, seen]
+            stale = math.ceil(len(seen) / KEY_CHUNK) * KEY_CHUNK - len(seen) + 3
+            keys = torch.cat([keys, torch.randn(1, nkv, stale, 16, generator=g)], 2)
+            vals = torch.cat([vals, torch.randn(1, nkv, stale, 16, generator=g)], 2)
+            alone_mask = torch.zeros(1, 1, 1, keys.shape[2], dtype=torch.bool)
+            alone_mask[..., :len(seen)] = True
+            alone = row_invariant_attention(q[b:b + 1, :, i:i + 1], keys, vals, alone_mask)
+            assert torch.equal(alone[0, :, 0], out[b, :, i])
+
+
+@pytest.fixture(scope="module")
+def gguf_lm(default_ckpt):
+    from paratree.models.loader import load_model
+
+    lm = load_model(None, "gguf")
+    assert all(layer.attn.row_invariant for layer in lm.model.layers)
+    return lm
+
+
+def _steps(runner, prefix, tokens):
+    """Plain decoding: prefill `prefix`, then one-token steps over `tokens`; logits of each step."""
+    runner.reset()
+    runner.prefill(prefix)
+    return [runner.step(t) for t in tokens]
+
+
+def test_tree_nodes_equal_plain_decoding_of_their_paths_and_commit_equals_its_cache(gguf_lm):
+    from paratree.models.runner import TargetRunner
+
+    lm = gguf_lm
+    runner, ref = TargetRunner(lm.model, max_len=256), TargetRunner(lm.model, max_len=256)
+    prefix = torch.randint(0, lm.config.vocab_size, (70,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    @settings(max_examples=12, deadline=None)
+    @given(trees(lm.config.vocab_size))
+    def check(case):
+        tree, leaf = case
+        runner.reset()
+        runner.prefill(prefix)
+        out = runner.verify(tree).logits
+        for i in range(tree.num_nodes):
+            path = tree.tokens[tree.path_to(i)].tolist()
+            assert torch.equal(out[i], _steps(ref, prefix, path)[-1]), f"node {i} of {tree.num_nodes}"
+        path = tree.path_to(leaf)
+        runner.commit(path)
+        _steps(ref, prefix, tree.tokens[path].tolist())
+        n = len(prefix) + len(path)
+        assert runner.lengths[0] == ref.lengths[0] == n
+        assert torch.equal(runner.k[:, :, :, :n], ref.k[:, :, :, :n])
+        assert torch.equal(runner.v[:, :, :, :n], ref.v[:, :, :, :n])
+
+    check()
+
+
+def test_chunked_prefill_equals_whole_prefill(gguf_lm):
+    from paratree.models.runner import TargetRunner
+
+    lm = gguf_lm
+    prompt = torch.randint(0, lm.config.vocab_size, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    a, b = TargetRunner(lm.model, max_len=256), TargetRunner(lm.model, max_len=256)
+    a.prefill(prompt, chunk=256)
+    b.prefill(prompt, chunk=23)
+    assert torch.equal(a.k[:, :, :, :150], b.k[:, :, :, :150]) and torch.equal(a.v[:, :, :, :150], b.v[:, :, :, :150])
+    assert torch.equal(a.step(7), b.step(7))
+
+
+def test_batched_verify_rows_equal_single_sequence_verify(gguf_lm):
+    from paratree.models.runner import TargetRunner
+
+    lm = gguf_lm
+    gen = torch.Generator().manual_seed(3)
+    prefixes = [torch.randint(0, lm.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 90, 40)]
+    batch = TargetRunner(lm.model, max_len=256, batch_size=3)
+    single = TargetRunner(lm.model, max_len=256)
+    tree_list = [DraftTree.chain([11, 12, 13]), DraftTree(torch.tensor([5, 6, 7, 8, 9]), torch.tensor([-1, 0, 0, 1, 2]),
+                                                         torch.tensor([0, 1, 1, 2, 2])), DraftTree.chain([3])]
+    for s, p in enumerate(prefixes):
+        batch.prefill(p, seq=s)
+    out = batch.verify_batch(tree_list, [0, 1, 2])
+    for s, (p, tree) in enumerate(zip(prefixes, tree_list)):
+        single.reset()
+        single.prefill(p)
+        want = single.verify(tree).logits
+        assert torch.equal(out.logits[s, :tree.num_nodes], want), f"sequence {s}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter", ["ngram", "jetspec+ngram", "jetspec", "ddtree", "eagle", "dspark"])
+def test_every_drafter_greedy_equals_plain_bit_for_bit(gguf_lm, drafter):
+    """The default runtime's promise: speculative greedy output is plain greedy output, token for token,
+    on real prompts, with no near-tie excuse (`--budget auto` changes tree shapes round to round)."""
+    from paratree.bench.datasets import load_prompts
+    from paratree.drafters import make_drafter
+    from paratree.engine.generate import Generator
+    from paratree.engine.pipeline import encode_prompt
+    from paratree.models.runner import TargetRunner
+
+    lm = gguf_lm
+    runner = TargetRunner(lm.model, max_len=1024)
+    plain = Generator(runner, make_drafter("plain", lm), eos_ids=lm.eos_ids, budget=1)
+    spec = Generator(runner, make_drafter(drafter, lm), eos_ids=lm.eos_ids, budget=12)
+    prompts = load_prompts("gsm8k", 2) + load_prompts("humaneval", 1)
+    rounds = 0
+    for p in prompts:
+        ids = encode_prompt(lm.tokenizer, p)
+        want = plain.generate(ids, 64).token_ids
+        res = spec.generate(ids, 64)
+        assert res.token_ids == want
+        rounds += res.rounds
+    assert rounds < 3 * 64  # drafts were accepted: trees really ran
