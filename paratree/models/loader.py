@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,10 +345,16 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
     if pack:
         pack_for_cpu(model, cache_dir(), keep_plain=compile)
     if gguf is not None:
-        model.weight_counts = load_int4_linears(model, gguf, sd)
-        if model.weight_counts["dense"] == 0:  # every linear row-invariant: make attention so too
+        packed = cache_dir() / "int4" / (f"{_file_sha256(gguf)[:16]}-{torch.backends.cpu.get_cpu_capability()}-"
+                                         f"torch{torch.__version__}.safetensors")
+        model.weight_counts = load_int4_linears(model, gguf, sd, packed)
+        if model.weight_counts["dense"] == 0 and not compile:  # every linear row-invariant: attention too
             for layer in model.layers:
                 layer.attn.row_invariant = True
+        elif compile:
+            warnings.warn("--compile: TorchInductor builds the one-token step and tree verify as different "
+                          "graphs, so speculative greedy output can differ from plain at near-ties; "
+                          "without --compile the gguf runtime is exact bit for bit", stacklevel=2)
     del sd
     if compile:
         from .compiled import CompiledDecoder

@@ -72,14 +72,20 @@ class Int4Linear(nn.Module):
 
     Inference only (no Parameters). `dequantized()` is the weight the kernel multiplies by."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features, self.in_features = codes.shape
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
-        # (K/32, N, 2): the kernel's scale and zero per group, as `(q - 8) * S + Z`.
-        self.scales_zeros = torch.stack([scale, base + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        self.packed, self.scales_zeros = packed, scales_zeros
+        self.out_features, self.in_features = scales_zeros.shape[1], scales_zeros.shape[0] * GROUP
         self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
         self.weight_bytes = self.packed.nbytes + self.scales_zeros.nbytes
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, bias: torch.Tensor | None):
+        """From codes (N, K) in 0..15 and fp32 scale/base (N, K/32): weight = scale * code + base."""
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+        # (K/32, N, 2): the kernel's scale and zero per group, as `(q - 8) * S + Z`.
+        sz = torch.stack([scale, base + 8 * scale], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        return cls(packed, sz, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -130,12 +136,18 @@ def _gguf_parts(cfg) -> dict[str, list[tuple[str, str, int]]]:
     return out
 
 
-def load_int4_linears(model: nn.Module, gguf: Path, reference: dict[str, torch.Tensor]) -> dict[str, int]:
+def load_int4_linears(model: nn.Module, gguf: Path, reference: dict[str, torch.Tensor],
+                      cache: Path | None = None) -> dict[str, int]:
     """Swap every decoder linear whose GGUF tensors are group-32 4-bit for an Int4Linear.
 
     `reference`: the dense fp32 state dict (HF names) the model was loaded from. Each part's codes
     must reproduce it exactly, in GGUF row order or llama's rotary order; anything else is a
-    QuantFormatError, never a silently wrong model. Returns counts {"int4": n, "dense": m}."""
+    QuantFormatError, never a silently wrong model. `cache`: a safetensors file of the packed
+    layers, written after the first checked load and read instead of the GGUF next time (the
+    packed layout depends on the CPU's SIMD level, so the caller keys the file by it).
+    Returns counts {"int4": n, "dense": m}."""
+    if cache is not None and cache.is_file():
+        return _load_packed(model, cache)
     from gguf import GGUFReader
 
     tensors = {t.name: t for t in GGUFReader(gguf).tensors}
@@ -161,8 +173,38 @@ def load_int4_linears(model: nn.Module, gguf: Path, reference: dict[str, torch.T
         parent_name, _, attr = own.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
-        setattr(parent, attr, Int4Linear(torch.cat(codes), torch.cat(scales), torch.cat(bases), old.bias))
+        setattr(parent, attr, Int4Linear.from_codes(torch.cat(codes), torch.cat(scales), torch.cat(bases), old.bias))
         counts["int4"] += 1
+    if cache is not None:
+        _save_packed(model, cache, counts)
+    return counts
+
+
+def _save_packed(model: nn.Module, path: Path, counts: dict[str, int]) -> None:
+    from safetensors.torch import save_file
+
+    out = {}
+    for name, m in model.layers.named_modules():
+        if isinstance(m, Int4Linear):
+            out[f"{name}.packed"], out[f"{name}.scales_zeros"] = m.packed, m.scales_zeros
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(out, str(tmp), metadata={k: str(v) for k, v in counts.items()})
+    tmp.replace(path)  # atomic: a concurrent or killed load never sees half a file
+
+
+def _load_packed(model: nn.Module, path: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        counts = {k: int(v) for k, v in f.metadata().items()}
+        names = {k.rpartition(".")[0] for k in f.keys()}
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.layers.get_submodule(parent_name)
+            old = getattr(parent, attr)
+            setattr(parent, attr, Int4Linear(f.get_tensor(f"{name}.packed"), f.get_tensor(f"{name}.scales_zeros"),
+                                             old.bias))
     return counts
 
 
@@ -174,8 +216,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 
 def _affine(q: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """scale * code + base per group, in fp32 like gguf-py."""
-    g = torch.arange(q.shape[1]) // GROUP
-    return q.float() * s[:, g] + b[:, g]
+    return q.float() * s.repeat_interleave(GROUP, 1) + b.repeat_interleave(GROUP, 1)
 
 
 
