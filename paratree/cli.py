@@ -27,6 +27,9 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run single-sequence verify through TorchInductor: faster steps after a one-off "
                         "compile of ~1 min per graph (needs a C++ compiler); see docs/benchmarks.md")
+    p.add_argument("--exact", action="store_true",
+                   help="--dtype gguf, eager: tree and batched verify equal plain decoding bit for bit "
+                        "(row-invariant attention; slower steps for now, see docs/benchmarks.md)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -79,7 +82,7 @@ def cmd_generate(args) -> int:
         args.drafter = drafter_for_head(args.head) if args.head else default_drafter(spec) if spec in PACKAGED else "ngram"
     opts = _drafter_options(args)
     pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=32 if budget == "auto" else budget,
-                         max_len=args.max_model_len, compile=args.compile, **opts)
+                         max_len=args.max_model_len, compile=args.compile, exact=args.exact, **opts)
     if budget == "auto" and args.drafter != "plain":
         from .engine.sizing import make_auto_sizer
 
@@ -126,7 +129,8 @@ def cmd_models(args) -> int:
 def cmd_bench_plain(args) -> int:
     from .bench.plain import run_bench_plain
 
-    run_bench_plain(args.model, args.dtype, args.max_new_tokens, args.repeats, args.prompt, compile=args.compile)
+    run_bench_plain(args.model, args.dtype, args.max_new_tokens, args.repeats, args.prompt, compile=args.compile,
+                    exact=args.exact)
     return 0
 
 
@@ -170,7 +174,7 @@ def cmd_bench(args) -> int:
         repeats=args.repeats, dtype=args.dtype, chat=not args.no_chat, assistant=args.assistant,
         json_out=args.json, report_dir=args.report, quick=args.quick, seed=args.seed,
         command="paratree " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or []),
-        heads=parse_heads(args.head), compile=args.compile,
+        heads=parse_heads(args.head), compile=args.compile, exact=args.exact,
     )
     res = run_bench(cfg)
     return 130 if res.interrupted else 0
@@ -185,7 +189,7 @@ def cmd_calibrate(args) -> int:
 
     _set_threads(args.threads)
     err = Console(stderr=True)
-    lm = load_model(args.model, args.dtype, compile=args.compile)
+    lm = load_model(args.model, args.dtype, compile=args.compile, exact=args.exact)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(CALIBRATION_SIZES)
     sizes = [s for s in sizes if 1 <= s <= args.max_nodes]
     with err.status("measuring verify latency…"):

@@ -1,4 +1,4 @@
-"""Exact by construction on the GGUF runtime (`--dtype gguf`): a tree node, a batched row, a chunked
+"""Exact by construction on the GGUF runtime (`--dtype gguf --exact`): a tree node, a batched row, a chunked
 prefill and a speculative round compute bit for bit what plain decoding computes (`torch.equal`).
 
 Why it holds: the int4 linears reduce each row in a fixed order whatever the row count
@@ -50,7 +50,7 @@ def test_attention_rows_do_not_depend_on_other_rows_or_unseen_keys(heads, batch,
 def gguf_lm(default_ckpt):
     from paratree.models.loader import load_model
 
-    lm = load_model(None, "gguf")
+    lm = load_model(None, "gguf", exact=True)
     assert all(layer.attn.row_invariant for layer in lm.model.layers)
     return lm
 
@@ -69,7 +69,7 @@ def test_tree_nodes_equal_plain_decoding_of_their_paths_and_commit_equals_its_ca
     runner, ref = TargetRunner(lm.model, max_len=256), TargetRunner(lm.model, max_len=256)
     prefix = torch.randint(0, lm.config.vocab_size, (70,), generator=torch.Generator().manual_seed(1)).tolist()
 
-    @settings(max_examples=12, deadline=None)
+    @settings(max_examples=8, deadline=None)
     @given(trees(lm.config.vocab_size))
     def check(case):
         tree, leaf = case
@@ -146,3 +146,12 @@ def test_every_drafter_greedy_equals_plain_bit_for_bit(gguf_lm, drafter):
         assert res.token_ids == want
         rounds += res.rounds
     assert rounds < 3 * 64  # drafts were accepted: trees really ran
+
+
+def test_exact_refuses_what_it_cannot_make_exact(tiny_ckpts):
+    from paratree.models.loader import load_model
+
+    with pytest.raises(ValueError, match="needs --dtype gguf"):
+        load_model(str(tiny_ckpts["llama"]), "bf16", tokenizer=False, exact=True)
+    with pytest.raises(ValueError, match="drop --compile"):
+        load_model(None, "gguf", tokenizer=False, exact=True, compile=True)

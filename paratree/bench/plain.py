@@ -38,12 +38,12 @@ def _hf_model(path, dtype):
 
 
 def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats: int, prompt: str,
-                    compile: bool = False) -> dict:
+                    compile: bool = False, exact: bool = False) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    lm = load_model(model, dtype, compile=compile)
+    lm = load_model(model, dtype, compile=compile, exact=exact)
     pipe = Pipeline(lm, drafter="plain")
     ids = pipe.encode(prompt)
     hf = _hf_model(lm.path, lm.model.embed.weight.dtype)

@@ -157,6 +157,7 @@ class BenchConfig:
     command: str | None = None  # the command line, for the report
     heads: dict[str, str] | None = None  # trained head dirs: drafter name or head family -> dir; "*" = any
     compile: bool = False  # single-sequence verify through TorchInductor (models/compiled.py), for every method
+    exact: bool = False  # gguf's row-invariant attention: speculative == plain bit for bit
 
     def resolved(self) -> "BenchConfig":
         c = BenchConfig(**self.__dict__)
@@ -298,7 +299,7 @@ class Bench:
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         cfg.dtype = dtype_name(cfg.dtype, cfg.model)
-        self.lm = load_model(cfg.model, cfg.dtype, compile=cfg.compile)
+        self.lm = load_model(cfg.model, cfg.dtype, compile=cfg.compile, exact=cfg.exact)
         self.dtype = self.lm.model.embed.weight.dtype
         self._hf = None
         self._assistant = None
@@ -537,7 +538,7 @@ def environment(cfg: BenchConfig, lm) -> dict:
         "model": lm.name, "model_path": str(lm.path), "dtype": cfg.dtype, "cpu": cpu_signature(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "compile": cfg.compile,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "compile": cfg.compile, "exact": cfg.exact,
     }
 
 

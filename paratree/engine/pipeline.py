@@ -34,8 +34,9 @@ class Pipeline:
         self.generator = Generator(self.runner, self.drafter, eos_ids=lm.eos_ids, budget=budget, method=method)
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "auto", compile: bool = False, **kw) -> "Pipeline":
-        return cls(load_model(model, dtype, compile=compile), **kw)
+    def load(cls, model: str | None = None, dtype: str = "auto", compile: bool = False, exact: bool = False,
+             **kw) -> "Pipeline":
+        return cls(load_model(model, dtype, compile=compile, exact=exact), **kw)
 
     @property
     def tokenizer(self):

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,11 +318,12 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", tokenizer: bool = True,
-               pack: bool = True, compile: bool = False) -> LoadedModel:
+               pack: bool = True, compile: bool = False, exact: bool = False) -> LoadedModel:
     """Load a target model by spec into paratree's own runner format (tokenizer optional for bare checkpoints).
 
     `compile`: single-sequence verify runs through TorchInductor (`models/compiled.py`), calling
-    the same packed linears."""
+    the same packed linears. `exact` (gguf only, eager): row-invariant attention too, so tree verify,
+    batched verify and chunked prefill equal plain decoding bit for bit (~1.6x a plain step today)."""
     from transformers import AutoTokenizer
 
     dtype = dtype_name(dtype, spec)
@@ -348,13 +348,17 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         packed = cache_dir() / "int4" / (f"{_file_sha256(gguf)[:16]}-{torch.backends.cpu.get_cpu_capability()}-"
                                          f"torch{torch.__version__}.safetensors")
         model.weight_counts = load_int4_linears(model, gguf, sd, packed)
-        if model.weight_counts["dense"] == 0 and not compile:  # every linear row-invariant: attention too
-            for layer in model.layers:
-                layer.attn.row_invariant = True
-        elif compile:
-            warnings.warn("--compile: TorchInductor builds the one-token step and tree verify as different "
-                          "graphs, so speculative greedy output can differ from plain at near-ties; "
-                          "without --compile the gguf runtime is exact bit for bit", stacklevel=2)
+        if exact and model.weight_counts["dense"]:
+            raise ValueError(f"--exact needs every linear on the int4 kernel; {name} has "
+                             f"{model.weight_counts['dense']} de-quantised ones")
+        for layer in model.layers:  # every linear is row-invariant: attention is made so too
+            layer.attn.row_invariant = exact
+    if exact and compile:
+        raise ValueError("--exact runs eagerly: TorchInductor builds the one-token step and tree verify as "
+                         "different graphs; drop --compile")
+    if exact and gguf is None:
+        raise ValueError("--exact needs --dtype gguf: only the int4 kernel's rows do not depend on the row "
+                         "count (bf16/fp32 GEMMs change their blocking with it)")
     del sd
     if compile:
         from .compiled import CompiledDecoder
