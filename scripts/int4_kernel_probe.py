@@ -10,11 +10,10 @@ Usage: python scripts/int4_kernel_probe.py [--rows 1,2,4,8,16,32,64] [--repeats 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from paratree.models.kernels import median_seconds
 from paratree.models.loader import checkpoint_dir, read_config
 
 
@@ -26,13 +25,7 @@ def shapes() -> list[tuple[int, int]]:
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def main() -> None:

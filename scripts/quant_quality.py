@@ -20,18 +20,8 @@ import torch
 from paratree.bench.datasets import load_prompts
 from paratree.engine.pipeline import encode_prompt
 from paratree.models.loader import load_model
-from paratree.models.runner import TargetRunner
+from paratree.models.runner import TargetRunner, greedy_tokens
 from paratree.tree.draft_tree import DraftTree
-
-
-def greedy(runner: TargetRunner, ids: list[int], n: int) -> list[int]:
-    runner.reset()
-    runner.prefill(ids[:-1])
-    tok, out = ids[-1], []
-    for _ in range(n):
-        tok = int(runner.step(tok).argmax())
-        out.append(tok)
-    return out
 
 
 def loglik(runner: TargetRunner, ids: list[int], cont: list[int]) -> list[float]:
@@ -55,7 +45,7 @@ def main() -> None:
     ref = load_model(a.model, "fp32")
     prompts = [encode_prompt(ref.tokenizer, p) for ds, k in per.items() for p in load_prompts(ds, k)]
     r_ref = TargetRunner(ref.model, max_len=max(map(len, prompts)) + a.tokens + 8)
-    conts = [greedy(r_ref, ids, a.tokens) for ids in prompts]
+    conts = [greedy_tokens(r_ref, ids, a.tokens) for ids in prompts]
     base = [statistics.fmean(loglik(r_ref, ids, c)) for ids, c in zip(prompts, conts)]
     print(f"model {ref.name}: {len(prompts)} prompts x {a.tokens} greedy tokens, reference fp32 de-quantised")
     print("| runtime | identical continuations | mean common prefix | mean log-lik / token | Δ vs fp32 |")
@@ -66,7 +56,7 @@ def main() -> None:
         r = TargetRunner(lm.model, max_len=r_ref.max_len)
         same, prefix, ll = 0, [], []
         for ids, c in zip(prompts, conts):
-            g = greedy(r, ids, a.tokens)
+            g = greedy_tokens(r, ids, a.tokens)
             same += g == c
             prefix.append(next((i for i, (x, y) in enumerate(zip(g, c)) if x != y), len(c)))
             ll.append(statistics.fmean(loglik(r, ids, c)))

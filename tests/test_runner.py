@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from hf_oracle import fp64_exact, load_hf
 from paratree.models.loader import load_model
-from paratree.models.runner import ContextOverflowError, TargetRunner
+from paratree.models.runner import ContextOverflowError, TargetRunner, greedy_tokens
 from paratree.tree.draft_tree import DraftTree
 
 ARCHS = ["llama", "qwen2", "qwen3"]
@@ -19,13 +19,7 @@ def _runner(path, max_len=256):
 
 
 def _own_greedy(runner, prompt, n):
-    runner.reset()
-    runner.prefill(prompt[:-1])
-    tok, out = prompt[-1], []
-    for _ in range(n):
-        tok = int(runner.step(tok).argmax())
-        out.append(tok)
-    return out
+    return greedy_tokens(runner, prompt, n)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -230,3 +230,14 @@ class BatchVerifyOutput:
     logits: torch.Tensor  # (B, N_max, V): row b, node i = next-token logits after trees[b]'s root-to-i path
     taps: torch.Tensor | None  # (B, N_max, len(taps) * hidden)
     sizes: list[int]  # real node count per row (rows past it are padding)
+
+
+def greedy_tokens(runner: TargetRunner, prompt: list[int], n: int) -> list[int]:
+    """Plain greedy decoding of `n` tokens after `prompt` (no EOS stop): the reference other paths match."""
+    runner.reset()
+    runner.prefill(prompt[:-1])
+    tok, out = prompt[-1], []
+    for _ in range(n):
+        tok = int(runner.step(tok).argmax())
+        out.append(tok)
+    return out

@@ -57,19 +57,33 @@ def row_invariant_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Ten
     - block results are added in block order by `cumsum`, a sequential scan: blocks a row cannot
       see add exact zeros;
     - a branching tree's node sees its ancestors at scattered cache slots, where plain decoding
-      had them side by side: its last blocks are gathered into logical order (`_tree_tail`).
+      had them side by side: its last blocks are gathered into logical order (`_tree_rows`).
     SDPA's kernels choose their blocking from T and L, so there a tree node and the same token
     decoded alone round differently."""
     b, _, t, _ = q.shape
-    n_keys = keys.shape[2]
+    vis, contiguous = _visibility(mask, b, t, keys.shape[2])
+    if contiguous:
+        s, v_blocks, _ = _blocks(q, keys, vals, vis, 0)
+        return _combine(s, v_blocks, None, None)[:, :, :t]
+    return torch.cat([_tree_rows(q[i:i + 1], keys[i:i + 1], vals[i:i + 1], vis[i:i + 1]) for i in range(b)])
+
+
+_VIS_MEMO: list = [None, None, None]  # (key, weak ref to the mask, result): every layer of a forward shares one mask
+
+
+def _visibility(mask: torch.Tensor | None, b: int, t: int, n_keys: int) -> tuple[torch.Tensor, bool]:
+    """(visibility (b, 1, t, n_keys) bool, whether every real row sees exactly a prefix of the slots)."""
+    key = (b, t, n_keys, None if mask is None else (tuple(mask.shape), mask.data_ptr()))
+    ref = _VIS_MEMO[1]
+    if _VIS_MEMO[0] == key and (mask is None or (ref is not None and ref() is mask)):
+        return _VIS_MEMO[2]
     vis = torch.ones(b, 1, t, n_keys, dtype=torch.bool) if mask is None else mask.expand(b, 1, t, n_keys)
     counts = vis.sum(-1, keepdim=True)
     prefix_rows = vis == (torch.arange(n_keys) < counts)  # row sees exactly slots [0, count)
     real = vis[..., :1]  # batched-verify padding rows see only their scratch slot: ignored here
-    if bool((prefix_rows.all(-1, keepdim=True) | ~real).all()):
-        s, v_blocks, _ = _blocks(q, keys, vals, vis, 0)
-        return _combine(s, v_blocks, None, None)[:, :, :t]
-    return torch.cat([_tree_rows(q[i:i + 1], keys[i:i + 1], vals[i:i + 1], vis[i:i + 1]) for i in range(b)])
+    out = (vis, bool((prefix_rows.all(-1, keepdim=True) | ~real).all()))
+    _VIS_MEMO[:] = [key, None if mask is None else weakref.ref(mask), out]
+    return out
 
 
 def _blocks(q, keys, vals, vis, first: int):
