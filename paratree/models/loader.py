@@ -323,7 +323,7 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
 
     `compile`: single-sequence verify runs through TorchInductor (`models/compiled.py`), calling
     the same packed linears. `exact` (gguf only, eager): row-invariant attention too, so tree verify,
-    batched verify and chunked prefill equal plain decoding bit for bit (~1.6x a plain step today)."""
+    batched verify and chunked prefill equal plain decoding bit for bit (~1.2x a plain step today)."""
     from transformers import AutoTokenizer
 
     dtype = dtype_name(dtype, spec)
