@@ -50,8 +50,11 @@ def test_attention_rows_do_not_depend_on_other_rows_or_unseen_keys(heads, batch,
 def gguf_lm(default_ckpt):
     from paratree.models.loader import load_model
 
+    from paratree.models.transformer import linear_kernels
+
     lm = load_model(None, "gguf", exact=True)
     assert all(layer.attn.row_invariant for layer in lm.model.layers)
+    assert linear_kernels(lm.model)[0] == "int4-exact"  # its own calibration profile
     return lm
 
 

@@ -469,7 +469,8 @@ def linear_kernels(model: "Transformer") -> tuple[str, tuple[int, ...]]:
     """
     lin = model.layers[0].mlp.w13 if len(model.layers) else None
     if type(lin).__name__ == "Int4Linear":  # the GGUF's 4-bit codes (models/quant.py)
-        name, buckets = "int4", ()
+        # --exact's attention costs more than SDPA, so its cost curve is keyed apart
+        name, buckets = ("int4-exact" if model.layers[0].attn.row_invariant else "int4"), ()
     else:
         name, buckets = ("stock", ()) if not isinstance(lin, PackedLinear) else \
             ("onednn", ()) if lin.route is None else (lin.route.name, lin.buckets)
