@@ -336,6 +336,12 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         if gguf is None:
             raise UnsupportedModelError(f"--dtype gguf needs a GGUF model; '{name}' is a dense checkpoint "
                                         "(use bf16, fp32 or fp64)")
+    if exact and compile:
+        raise ValueError("--exact runs eagerly: TorchInductor builds the one-token step and tree verify as "
+                         "different graphs; drop --compile")
+    if exact and gguf is None:
+        raise ValueError("--exact needs --dtype gguf: only the int4 kernel's rows do not depend on the row "
+                         "count (bf16/fp32 GEMMs change their blocking with it)")
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu").to(dt)
@@ -351,14 +357,8 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         if exact and model.weight_counts["dense"]:
             raise ValueError(f"--exact needs every linear on the int4 kernel; {name} has "
                              f"{model.weight_counts['dense']} de-quantised ones")
-        for layer in model.layers:  # every linear is row-invariant: attention is made so too
+        for layer in model.layers:  # with every linear row-invariant, --exact makes attention so too
             layer.attn.row_invariant = exact
-    if exact and compile:
-        raise ValueError("--exact runs eagerly: TorchInductor builds the one-token step and tree verify as "
-                         "different graphs; drop --compile")
-    if exact and gguf is None:
-        raise ValueError("--exact needs --dtype gguf: only the int4 kernel's rows do not depend on the row "
-                         "count (bf16/fp32 GEMMs change their blocking with it)")
     del sd
     if compile:
         from .compiled import CompiledDecoder

@@ -102,9 +102,8 @@ class Int4Linear(nn.Module):
         s, z = sz[..., 0].float().T, sz[..., 1].float().T  # (N, K/32)
         unit = torch.ops.aten._weight_int4pack_mm_for_cpu(
             eye, self.packed, GROUP, torch.stack([torch.ones_like(sz[..., 0]), torch.zeros_like(sz[..., 1])], -1))
-        q = unit.float().T + 8  # (N, K): the codes (small integers, exact in bf16)
-        g = torch.arange(self.in_features) // GROUP
-        return (q - 8) * s[:, g] + z[:, g]
+        centred = unit.float().T  # (N, K): code - 8 (small integers, exact in bf16)
+        return centred * s.repeat_interleave(GROUP, 1) + z.repeat_interleave(GROUP, 1)
 
 
 def source_gguf(ckpt: Path) -> Path | None:

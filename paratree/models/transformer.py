@@ -73,7 +73,7 @@ _VIS_MEMO: list = [None, None, None]  # (key, weak ref to the mask, result): eve
 
 def _visibility(mask: torch.Tensor | None, b: int, t: int, n_keys: int) -> tuple[torch.Tensor, bool]:
     """(visibility (b, 1, t, n_keys) bool, whether every real row sees exactly a prefix of the slots)."""
-    key = (b, t, n_keys, None if mask is None else (tuple(mask.shape), mask.data_ptr()))
+    key = (b, t, n_keys, mask is None)
     ref = _VIS_MEMO[1]
     if _VIS_MEMO[0] == key and (mask is None or (ref is not None and ref() is mask)):
         return _VIS_MEMO[2]
@@ -161,7 +161,7 @@ def _tree_rows(q, keys, vals, vis):
 
 
 class Attention(nn.Module):
-    # Set for models whose linears are row-invariant too (`--dtype gguf`): then the whole forward is.
+    # Set by `--exact` on a gguf model, whose linears are row-invariant: then the whole forward is.
     row_invariant = False
 
     def __init__(self, cfg: ModelConfig):
