@@ -14,6 +14,24 @@ from . import __version__
 EXIT_USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `paratree: error:` line (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"paratree: error: {message} (see `{self.prog} --help`)\n")
+
+
+# Counts every command checks before it loads anything: option dest -> smallest value allowed.
+_MIN_VALUES = {"max_model_len": 1, "threads": 1, "max_new_tokens": 1}
+
+
+def _check_counts(args) -> None:
+    for dest, lo in _MIN_VALUES.items():
+        v = getattr(args, dest, None)
+        if v is not None and v < lo:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= {lo}, got {v}")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file (default: smollm2-135m)")
     p.add_argument("--dtype", default="auto",
@@ -69,8 +87,7 @@ class _Streamer:
 
 def cmd_generate(args) -> int:
     from .engine.pipeline import Pipeline
-
-    from .bench.suite import parse_budget
+    from .engine.sizing import parse_budget
 
     params = _sampling(args)
     budget = parse_budget(args.budget)
@@ -81,15 +98,10 @@ def cmd_generate(args) -> int:
         spec = args.model or DEFAULT_MODEL
         args.drafter = drafter_for_head(args.head) if args.head else default_drafter(spec) if spec in PACKAGED else "ngram"
     opts = _drafter_options(args)
-    pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=32 if budget == "auto" else budget,
-                         max_len=args.max_model_len, compile=args.compile, exact=args.exact, **opts)
-    if budget == "auto" and args.drafter != "plain":
-        from .engine.sizing import make_auto_sizer
-
-        sizer, _ = make_auto_sizer(pipe.lm, args.drafter, on_calibrate=lambda: print(
-            "paratree: no calibration profile for this model/dtype/machine, running a short one "
-            "(`paratree calibrate` for the full curve)", file=sys.stderr))
-        pipe.generator.sizer, pipe.generator.budget = sizer, sizer.max_nodes
+    pipe = Pipeline.load(args.model, args.dtype, drafter=args.drafter, budget=budget, max_len=args.max_model_len,
+                         compile=args.compile, exact=args.exact, on_calibrate=lambda: print(
+                             "paratree: no calibration profile for this model/dtype/machine, running a short one "
+                             "(`paratree calibrate` for the full curve)", file=sys.stderr), **opts)
     stream = None if args.json else _Streamer(pipe.tokenizer)
     text, res = pipe.generate(args.prompt, args.max_new_tokens, params, chat=not args.no_chat,
                               stop=args.stop or None, on_tokens=stream)
@@ -184,7 +196,7 @@ def cmd_calibrate(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .engine.sizing import CALIBRATION_SIZES, calibrate
+    from .engine.costs import CALIBRATION_SIZES, calibrate
     from .models.loader import load_model
 
     _set_threads(args.threads)
@@ -211,10 +223,11 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.trainer import TrainConfig, Trainer, latest_checkpoint
+    from .train.config_check import load_train_config
+    from .train.trainer import Trainer, latest_checkpoint
 
-    cfg = TrainConfig.from_file(args.config, device=args.device, output_dir=args.output_dir,
-                                max_steps=args.max_steps, data=args.data)
+    cfg = load_train_config(args.config, device=args.device, output_dir=args.output_dir,
+                            max_steps=args.max_steps, data=args.data)
     last = latest_checkpoint(cfg.output_dir)
     if last is not None and not args.resume:  # never silently restart over a killed run's progress
         raise ValueError(f"{cfg.output_dir} already holds checkpoints (latest {last.name}): pass --resume to "
@@ -232,8 +245,16 @@ def cmd_card(args) -> int:
 
     rows, bench_cmd = None, ""
     if args.bench_json:
-        data = json.loads(open(args.bench_json).read())
-        rows = data["rows"] if isinstance(data, dict) else data
+        try:
+            with open(args.bench_json) as f:
+                data = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read --bench-json {args.bench_json}: {e.strerror}") from None
+        except ValueError as e:
+            raise ValueError(f"--bench-json {args.bench_json} is not valid JSON: {e}") from None
+        rows = data.get("rows") if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"--bench-json {args.bench_json} holds no bench rows: give `paratree bench --json` output")
         rows = [r for r in rows if r.get("method", "").split("@")[0] in (args.methods or "").split(",")] \
             if args.methods else rows
         bench_cmd = args.bench_command or (data.get("command", "") if isinstance(data, dict) else "")
@@ -288,9 +309,9 @@ def cmd_bench_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .drafters import DRAFTERS
+    from .drafters import drafters
 
-    p = argparse.ArgumentParser(prog="paratree", description="Lossless speculative decoding with parallel tree drafting")
+    p = _Parser(prog="paratree", description="Lossless speculative decoding with parallel tree drafting")
     p.add_argument("--version", action="version", version=f"paratree {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -298,11 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     _add_model_args(g)
     _add_sampling_args(g)
-    g.add_argument("--drafter", default=None, choices=DRAFTERS,
-                   help="default: the model's shipped JetSpec head if it has one, else ngram (prompt lookup)")
-    g.add_argument("--budget", default="32",
-                   help="max tree nodes per verify, root included, or 'auto' (size each tree from the "
-                        "calibrated verify cost, see `paratree calibrate`)")
+    g.add_argument("--drafter", default=None, choices=drafters(),
+                   help="default: with --head, its family's drafter; else the drafter measured fastest for a packaged "
+                        "model (jetspec+ngram for smollm2-135m), its shipped JetSpec head, or ngram (prompt lookup)")
+    g.add_argument("--budget", default="auto",
+                   help="auto (default: size each tree from this machine's calibrated verify cost, see "
+                        "`paratree calibrate`) or the max tree nodes per verify, root included")
     _add_drafter_args(g)
     _add_compile_arg(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
@@ -409,13 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     from .models.runner import ContextOverflowError
 
     try:
+        _check_counts(args)
         if isinstance(getattr(args, "dtype", None), str):
             from .models.loader import dtype_name
 
             args.dtype = dtype_name(args.dtype, getattr(args, "model", None))  # 'auto' -> fastest here
         return args.func(args)
     except (ModelNotFoundError, UnsupportedModelError, ContextOverflowError, ValueError) as e:
-        print(f"paratree: error: {e}", file=sys.stderr)
+        print("paratree: error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("\nparatree: interrupted", file=sys.stderr)

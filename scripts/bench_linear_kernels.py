@@ -9,11 +9,11 @@ from paratree.models.loader import load_model
 from paratree.models.runner import TargetRunner
 from paratree.models.transformer import PackedLinear, _swap_linears
 from paratree.tree.draft_tree import DraftTree
-from paratree.engine.sizing import random_best_first_tree
+from paratree.engine.costs import random_best_first_tree
 from paratree.engine.generate import Generator
 from paratree.engine.pipeline import encode_prompt
 from paratree.drafters import make_drafter
-from paratree.bench.datasets import load_prompts
+from paratree.data import load_prompts
 
 new = load_model(None, "fp32", pack=True)
 old = load_model(None, "fp32", pack=False)

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from paratree.bench.datasets import load_prompts
+from paratree.data import load_prompts
 from paratree.engine.pipeline import encode_prompt
 from paratree.models.loader import load_model
 from paratree.models.runner import TargetRunner, greedy_tokens

@@ -33,7 +33,7 @@ def _make_tiny(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from paratree.bench import datasets
+    from paratree import data as datasets
 
     vocab = 512
     tok = Tokenizer(models.BPE())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paratree.bench import datasets
+from paratree import data as datasets
 from paratree.bench.suite import BenchConfig, expand_methods, parse_budgets, parse_heads, run_bench
 from paratree.tree.cost import VerifyCostModel
 
@@ -166,10 +166,14 @@ def test_method_and_budget_parsing(monkeypatch):
     with pytest.raises(ValueError, match="no @budget"):
         expand_methods(["hf@8"], [32])
     # drafters registered later are benchmarked with no change here
-    import paratree.drafters as drafters
+    from paratree.drafters import NoDrafter
+    from paratree.drafters.registry import DrafterSpec, register_drafter, unregister
 
-    monkeypatch.setattr(drafters, "DRAFTERS", (*drafters.DRAFTERS, "future-head"))
-    specs, _ = expand_methods(None, [32])
+    register_drafter(DrafterSpec("future-head", lambda ctx: NoDrafter()))
+    try:
+        specs, _ = expand_methods(None, [32])
+    finally:
+        unregister("future-head")
     labels = [s.label for s in specs]
     assert "future-head@32" in labels and "ngram@32" in labels and "hf-pld" in labels
     assert "hf-assisted" not in labels
@@ -179,7 +183,7 @@ def test_method_and_budget_parsing(monkeypatch):
 
 def test_calibrate_writes_monotone_profile(tiny, cache, capsys):
     from paratree.cli import main
-    from paratree.engine.sizing import load_profile, profile_path
+    from paratree.engine.costs import load_profile, profile_path
     from paratree.models.loader import load_model
 
     assert main(["calibrate", "--model", tiny, "--dtype", "bf16", "--sizes", "1,4,16,64,256", "--repeats",
@@ -201,7 +205,7 @@ def test_calibrate_writes_monotone_profile(tiny, cache, capsys):
 
 
 def test_fp32_profile_is_keyed_by_kernels_and_measures_bucket_edges(tiny, cache, tmp_path, monkeypatch):
-    from paratree.engine.sizing import calibrate, calibration_sizes, profile_path
+    from paratree.engine.costs import calibrate, calibration_sizes, profile_path
     from paratree.models.kernels import ENV
     from paratree.models.loader import load_model
     from paratree.models.transformer import linear_kernels
@@ -276,13 +280,14 @@ def test_generate_with_auto_budget_is_lossless(tiny, cache, capsys):
     from paratree.drafters import NGramDrafter, NoDrafter
     from paratree.engine.generate import Generator
     from paratree.engine.pipeline import encode_prompt
-    from paratree.engine.sizing import make_auto_sizer
+    from paratree.engine.costs import CostService
     from paratree.models.loader import load_model
     from paratree.models.runner import TargetRunner
 
     lm = load_model(tiny, "fp32")
-    sizer, prof = make_auto_sizer(lm, "ngram")  # no fp32 profile yet: a short calibration runs
-    assert Path(prof["path"]).is_file() and sizer.max_nodes == 256
+    costs = CostService(lm)
+    sizer = costs.auto_sizer("ngram")  # no fp32 profile yet: a short calibration runs
+    assert Path(costs.profile()["path"]).is_file() and sizer.max_nodes == 256
     ids = encode_prompt(lm.tokenizer, datasets.load_prompts("gsm8k", 1)[0])
     runner = TargetRunner(lm.model, max_len=len(ids) + 48 + 300)
     plain = Generator(runner, NoDrafter(), eos_ids=lm.eos_ids).generate(ids, 48)

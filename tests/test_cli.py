@@ -95,7 +95,7 @@ def test_generate_picks_the_drafter_of_a_given_head_and_refuses_a_non_head(tmp_p
     """--head DIR without --drafter runs that head's family drafter (a DFlash head -> DDTree tree);
     without either, the default model runs its measured-fastest drafter; a directory that holds
     no head is one clear error line."""
-    from paratree.drafters import HEADS_DIR
+    from paratree.drafters.registry import HEADS_DIR
 
     args = ["generate", "What is 12 times 7?", "--max-new-tokens", "8", "--dtype", "fp32", "--json"]
     head = run(*args, "--head", str(HEADS_DIR / "smollm2-135m" / "dflash"))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from paratree.bench.datasets import DATA, _read_jsonl
+from paratree.data import DATA, read_jsonl
 from paratree.drafters import NoDrafter
 from paratree.engine.generate import Generator
 from paratree.engine.pipeline import encode_prompt
@@ -17,7 +17,7 @@ from paratree.train.data import SOURCES, collect_prompts, generate_dataset, load
 def test_every_training_source_yields_prompts_and_none_is_an_eval_split():
     for name, (rel, field) in SOURCES.items():
         assert not any(part in rel for part in ("test", "mt_bench", "humaneval")), name
-        rows = _read_jsonl(DATA / rel)
+        rows = read_jsonl(DATA / rel)
         assert len(rows) >= 100 and all(r.get(field) for r in rows), name
         got = collect_prompts({name: 3}, seed=1)
         assert len(got) == 3 and all(p["source"] == name and p["prompt"].strip() for p in got)

@@ -6,6 +6,7 @@ import torch
 from hf_oracle import make_tiny_checkpoint
 from paratree.drafters import NoDrafter, make_drafter
 from paratree.drafters.draft_model import DraftModelDrafter, TokenizerMismatchError, check_same_tokenizer
+from paratree.drafters.families import draft_model as dm_family
 from paratree.engine.generate import Generator
 from paratree.models.loader import load_model
 from paratree.models.runner import TargetRunner
@@ -174,11 +175,11 @@ def test_cli_draft_options_reach_the_drafter(pair):
     target, same, _ = pair
     import paratree.drafters as drafters
 
-    drafters._DRAFT_LMS[("tiny-same", torch.float64)] = same
+    dm_family._DRAFT_LMS[("tiny-same", torch.float64)] = same
     try:
         d = make_drafter("draft-model", target, draft_model="tiny-same")
-        assert (d.depth, d.min_prob, d.lookup.max_depth) == (drafters.DRAFT_DEPTH, drafters.DRAFT_MIN_PROB,
-                                                              drafters.DRAFT_LOOKUP)
+        assert (d.depth, d.min_prob, d.lookup.max_depth) == (dm_family.DRAFT_DEPTH, dm_family.DRAFT_MIN_PROB,
+                                                              dm_family.DRAFT_LOOKUP)
         assert make_drafter("draft-model", target, draft_model="tiny-same", draft_lookup=0).lookup is None
     finally:
-        del drafters._DRAFT_LMS[("tiny-same", torch.float64)]
+        del dm_family._DRAFT_LMS[("tiny-same", torch.float64)]

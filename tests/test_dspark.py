@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from paratree.drafters.dspark_drafter import DSparkDrafter, admit_next
+from paratree.drafters.dspark_drafter import DSparkDrafter
+from paratree.verify.gate import admit_next
 from paratree.drafters.heads.dspark import DSparkHead, expected_calibration_error, fit_temperature
 from paratree.engine.generate import Generator
 from paratree.models.loader import load_model

@@ -130,7 +130,7 @@ def test_batched_verify_rows_equal_single_sequence_verify(gguf_lm):
 def test_every_drafter_greedy_equals_plain_bit_for_bit(gguf_lm, drafter):
     """The default runtime's promise: speculative greedy output is plain greedy output, token for token,
     on real prompts, with no near-tie excuse (`--budget auto` changes tree shapes round to round)."""
-    from paratree.bench.datasets import load_prompts
+    from paratree.data import load_prompts
     from paratree.drafters import make_drafter
     from paratree.engine.generate import Generator
     from paratree.engine.pipeline import encode_prompt
@@ -158,3 +158,35 @@ def test_exact_refuses_what_it_cannot_make_exact(tiny_ckpts):
         load_model(str(tiny_ckpts["llama"]), "bf16", tokenizer=False, exact=True)
     with pytest.raises(ValueError, match="drop --compile"):
         load_model(None, "gguf", tokenizer=False, exact=True, compile=True)
+
+
+@pytest.mark.slow
+def test_server_answers_equal_one_at_a_time_under_concurrency(gguf_lm):
+    """8 concurrent greedy requests of mixed lengths (one batched verify forward per round, trees sized
+    by the server's policy from its batch) get exactly the answers the same requests get alone."""
+    pytest.importorskip("uvicorn")
+    import concurrent.futures
+    import httpx
+
+    from live_server import serving
+    from paratree.data import load_prompts
+    from paratree.serve.backend import ServeEngine
+
+    prompts = load_prompts("gsm8k", 4) + load_prompts("mt_bench", 4)
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": p}], "max_tokens": 12 + 6 * i,
+               "temperature": 0} for i, p in enumerate(prompts)]
+    engine = ServeEngine(gguf_lm, drafter="jetspec+ngram", budget=12, max_batch=8, max_model_len=768,
+                         served_model_name="m")
+    with serving(engine) as url, httpx.Client(base_url=url, timeout=300) as cl:
+        def ask(body):
+            r = cl.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        alone = [ask(b) for b in bodies]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, bodies))
+    for a, b in zip(alone, together):
+        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
+        assert b["usage"]["completion_tokens"] == a["usage"]["completion_tokens"]
+    assert sum(b["speculative"]["rounds"] for b in together) < sum(b["usage"]["completion_tokens"] for b in together)

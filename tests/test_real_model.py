@@ -8,7 +8,7 @@ The divergence counts are printed, never hidden.
 import pytest
 import torch
 
-from paratree.bench.datasets import load_prompts
+from paratree.data import load_prompts
 from paratree.drafters import NGramDrafter
 from paratree.engine.generate import Generator
 from paratree.engine.pipeline import encode_prompt

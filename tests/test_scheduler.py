@@ -7,13 +7,13 @@ import torch
 
 from paratree.drafters import NGramDrafter, NoDrafter
 from paratree.engine.generate import Generator
+from paratree.engine.costs import measure_verify_cost
 from paratree.engine.sizing import AcceptanceModel, RateGate
 from paratree.engine.scheduler import (
     EngineRequest,
     QueueFullError,
     Scheduler,
     ServePolicy,
-    measure_verify_cost,
 )
 from paratree.models.loader import load_model
 from paratree.models.runner import ContextOverflowError, TargetRunner
@@ -242,7 +242,7 @@ def test_measure_verify_cost_runs_and_restores(models):
 
 
 def test_cost_model_is_measured_once_then_loaded(models, tmp_path):
-    from paratree.engine.scheduler import load_or_measure_cost
+    from paratree.engine.costs import load_or_measure_cost
 
     r = TargetRunner(models["llama"].model, max_len=65, batch_size=2)
     path = tmp_path / "cost.json"

@@ -4,7 +4,7 @@ Methods: `plain` (own runner, no drafter), `hf` (transformers `generate()` on th
 converted checkpoint), `hf-pld` (transformers prompt lookup), `hf-assisted` (transformers
 assisted generation, only with `--assistant`), `llama.cpp` and `llama.cpp-lookup` (the same GGUF
 through llama-cpp-python, `bench/llama_peer.py`; only when named), and every paratree drafter in
-`paratree.drafters.DRAFTERS` at each tree budget (`name@budget` picks one budget; `auto`
+`paratree.drafters.drafters()` (the registry) at each tree budget (`name@budget` picks one budget; `auto`
 sizes each tree against this machine's calibrated verify cost).
 
 Timing: methods are interleaved. Each prompt is decoded by every method in turn (the
@@ -30,7 +30,21 @@ from pathlib import Path
 
 import torch
 
+from ..data import load_prompts
+from ..drafters import drafters, head_family, make_drafter
+from ..drafters.families.draft_model import draft_lm
+from ..engine.costs import CostService
+from ..engine.generate import Generator
+from ..engine.pipeline import encode_prompt
+from ..engine.sizing import parse_budget
+from ..models.kernels import cpu_signature
+from ..models.loader import dtype_name, hf_twin, load_model
+from ..models.quant import source_gguf
+from ..models.runner import TargetRunner
+from ..tree.cost import VerifyCostModel
+from ..verify.warp import SamplingParams
 from .llama_peer import LLAMA_METHODS, LlamaPeer
+from .report import budget_sweep, write_report
 
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
 DEFAULT_BUDGETS = (8, 16, 32, 64, 128, "auto")
@@ -39,23 +53,6 @@ PLD_TOKENS = 10
 
 
 # -- parsing -------------------------------------------------------------------------------
-def parse_budget(text: str | int) -> int | str:
-    if isinstance(text, int):
-        if text < 1:
-            raise ValueError(f"budget must be >= 1, got {text}")
-        return text
-    t = str(text).strip().lower()
-    if t == "auto":
-        return "auto"
-    try:
-        b = int(t)
-    except ValueError:
-        raise ValueError(f"bad budget '{text}': use a positive integer or 'auto'") from None
-    if b < 1:
-        raise ValueError(f"budget must be >= 1, got {b}")
-    return b
-
-
 def parse_budgets(text: str | None) -> list[int | str] | None:
     if text is None:
         return None
@@ -71,9 +68,7 @@ def parse_budgets(text: str | None) -> list[int | str] | None:
 
 
 def paratree_drafters() -> list[str]:
-    from ..drafters import DRAFTERS
-
-    return [d for d in DRAFTERS if d != "plain"]
+    return [d for d in drafters() if d != "plain"]
 
 
 @dataclass(frozen=True)
@@ -191,22 +186,19 @@ def parse_heads(values: list[str] | None) -> dict[str, str] | None:
     return out
 
 
-def build_drafter(name: str, lm, heads: dict[str, str] | None = None, assistant: str | None = None):
+def build_drafter(name: str, lm, heads: dict[str, str] | None = None, assistant: str | None = None,
+                  cost: VerifyCostModel | None = None):
     """make_drafter, with a head directory from `heads` when one is given for this drafter or its family,
     and `assistant` (the hf-assisted draft model) as the draft-model drafter's model: same draft, same run."""
-    from .. import drafters
-
+    opts: dict = {"cost": cost}
     if name == "draft-model":
         if not assistant:
             raise ValueError("draft-model needs a draft model: give it with --assistant MODEL")
-        return drafters.make_drafter(name, lm, draft_model=assistant)
-
-    if heads and name != "plain":
-        family = drafters.head_family(name)
-        path = heads.get(name) or (heads.get(family) if family else None) or (heads.get("*") if family else None)
-        if path:
-            return drafters.make_drafter(name, lm, head_path=path)
-    return drafters.make_drafter(name, lm)
+        opts["draft_model"] = assistant
+    family = head_family(name)
+    if heads and family:
+        opts["head_path"] = heads.get(name) or heads.get(family) or heads.get("*")
+    return make_drafter(name, lm, **opts)
 
 
 @dataclass
@@ -294,7 +286,6 @@ class Bench:
     def __init__(self, cfg: BenchConfig, console=None):
         from rich.console import Console
 
-        from ..models.loader import dtype_name, load_model
 
         self.cfg = cfg
         self.console = console or Console(stderr=True)
@@ -306,11 +297,16 @@ class Bench:
         self._llama: LlamaPeer | None = None
         self._runner = None
         self._runner_len = 0
-        self.profile: dict | None = None
+        self.costs = CostService(self.lm, on_calibrate=lambda: self.console.print(
+            "[dim]no calibration profile for this model/dtype/machine: running a short "
+            "calibration (run `paratree calibrate` for the full curve)[/dim]"))
+
+    @property
+    def profile(self) -> dict | None:
+        return self.costs.stored_profile()
 
     # shared target runner, grown when a longer prompt shows up
     def runner(self, need: int):
-        from ..models.runner import TargetRunner
 
         cap = self.lm.config.max_position
         if self._runner is None or need > self._runner_len:
@@ -324,7 +320,6 @@ class Bench:
         if self._hf is None:
             from transformers.utils import logging as hf_logging
 
-            from ..models.loader import hf_twin
 
             hf_logging.set_verbosity_error()
             self._hf = hf_twin(self.lm)
@@ -333,45 +328,21 @@ class Bench:
     def assistant_model(self):
         """The hf-assisted draft model, sharing weights with the draft-model drafter's copy of it."""
         if self._assistant is None:
-            from ..drafters import draft_lm
-            from ..models.loader import hf_twin
 
             self._assistant = hf_twin(draft_lm(self.cfg.assistant, self.dtype))
         return self._assistant
 
-    def auto_profile(self):
-        if self.profile is None:
-            from ..engine.sizing import get_profile
-
-            self.console.print("[dim]no calibration profile for this model/dtype/machine: running a short "
-                               "calibration (run `paratree calibrate` for the full curve)[/dim]")
-            self.profile = get_profile(self.lm)
-        return self.profile
-
-    def load_profile_if_any(self):
-        if self.profile is None:
-            from ..engine.sizing import load_profile, profile_path
-
-            self.profile = load_profile(profile_path(self.lm))
-        return self.profile
-
     def make_generator(self, spec: MethodSpec, need: int):
-        from ..engine.generate import Generator
 
         runner = self.runner(need)
-        drafter = build_drafter(spec.drafter, self.lm, self.cfg.heads, self.cfg.assistant)
+        drafter = build_drafter(spec.drafter, self.lm, self.cfg.heads, self.cfg.assistant, self.costs.verify_curve())
         sizer, budget = None, spec.budget
         if spec.budget == "auto":
-            from ..engine.sizing import AutoSizer, load_profile, profile_path
-
-            prof = self.profile or load_profile(profile_path(self.lm)) or self.auto_profile()
-            self.profile = prof
-            sizer = AutoSizer.from_profile(prof, spec.drafter)
+            sizer = self.costs.auto_sizer(spec.drafter)
             budget = sizer.max_nodes
         return Generator(runner, drafter, eos_ids=self.lm.eos_ids, budget=int(budget), sizer=sizer)
 
     def params(self, i: int):
-        from ..verify.warp import SamplingParams
 
         return SamplingParams(temperature=self.cfg.temperature, seed=self.cfg.seed + i)
 
@@ -385,7 +356,6 @@ class Bench:
     def llama(self, need: int) -> LlamaPeer:
         """The llama.cpp peer on this model's GGUF, with a context of `need` tokens, same threads as torch."""
         if self._llama is None or self._llama.n_ctx < need:
-            from ..models.quant import source_gguf
 
             self._llama = LlamaPeer(source_gguf(self.lm.path), need, torch.get_num_threads())
         return self._llama
@@ -532,7 +502,6 @@ def print_table(rows: list[dict], console=None, title: str = "paratree bench") -
 def environment(cfg: BenchConfig, lm) -> dict:
     import transformers
 
-    from ..models.kernels import cpu_signature
 
     return {
         "model": lm.name, "model_path": str(lm.path), "dtype": cfg.dtype, "cpu": cpu_signature(),
@@ -618,8 +587,6 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from ..engine.pipeline import encode_prompt
-    from .datasets import load_prompts
 
     cfg = cfg.resolved()
     console = console or Console(stderr=True)
@@ -728,7 +695,6 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     if result.rows:
         print_table(result.rows, out_console, title=f"paratree bench · {lm.name} ({cfg.dtype}) · "
                     f"{cfg.max_new_tokens} new tokens · T={cfg.temperature}")
-        from .report import budget_sweep
 
         for sw in budget_sweep(result.rows):
             vs128 = "" if sw["auto_vs_128"] is None else f", {sw['auto_vs_128']:.2f}x @128"
@@ -739,13 +705,10 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     if cfg.json_out:
         _write_json(cfg.json_out, result.rows)
     if cfg.report_dir:
-        from .report import write_report
 
-        if result.profile is None:
-            result.profile = bench.load_profile_if_any()
         if result.profile is None and not result.interrupted:
             try:
-                result.profile = bench.auto_profile()
+                result.profile = bench.costs.profile()
             except KeyboardInterrupt:
                 result.interrupted = True
         result.report_files = write_report(cfg.report_dir, result, cfg)

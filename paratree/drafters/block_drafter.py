@@ -15,6 +15,7 @@ from ..tree.draft_tree import DraftTree
 from ..models.kernels import KernelRoute
 from ..models.transformer import pack_linears_for_inference
 from .heads.block import BlockDraftHead
+from .registry import BuildContext, load_family_head
 
 
 class BlockHeadDrafter:
@@ -42,6 +43,17 @@ class BlockHeadDrafter:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ctx_len = 0
         self._last: torch.Tensor | None = None  # fused state of the newest context token (the root's predecessor)
+
+    @classmethod
+    def for_family(cls, ctx: BuildContext, family: str, name: str, tree: bool, path_conditioned: bool = False
+                   ) -> "BlockHeadDrafter":
+        """The drafter `name` over the `family` head that `ctx` names (or the shipped one)."""
+        head, packed = load_family_head(ctx, family, name)
+        model = ctx.lm.model
+        lm_head = model.lm_head if head.d2t is not None else (getattr(model, "lm_head_packed", None) or model.lm_head)
+        return cls(head, model.embed, lm_head, name=name, tree=tree, width=ctx.width,
+                   path_conditioned=path_conditioned, pack=packed, route=getattr(model, "kernel_route", None),
+                   **ctx.options)
 
     # -- context ----------------------------------------------------------------------
     def begin(self, prompt_ids, prompt_taps):

@@ -29,6 +29,7 @@ import torch
 from ..models.runner import TargetRunner
 from ..tree.builders import build_chain_with_siblings
 from ..tree.draft_tree import DraftTree
+from .heads.block import tokenizer_fingerprint
 from .ngram import NGramDrafter
 
 
@@ -37,8 +38,6 @@ class TokenizerMismatchError(ValueError):
 
 
 def check_same_tokenizer(target_lm, draft_lm) -> None:
-    from .heads.block import tokenizer_fingerprint
-
     a, b = tokenizer_fingerprint(target_lm.tokenizer), tokenizer_fingerprint(draft_lm.tokenizer)
     if a != b:
         raise TokenizerMismatchError(
@@ -74,8 +73,7 @@ class DraftModelDrafter:
         limit = min(len(self.cached), len(committed))
         while n < limit and self.cached[n] == committed[n]:
             n += 1
-        self.runner.lengths[0] = n
-        self.runner._last_tree_size[0] = 0
+        self.runner.truncate(n)
         if n < len(committed):
             self.runner.prefill(committed[n:])
         self.cached = list(committed)

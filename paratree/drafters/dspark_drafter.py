@@ -19,21 +19,9 @@ import torch
 from ..tree.builders import build_chain
 from ..tree.cost import VerifyCostModel
 from ..tree.draft_tree import DraftTree
+from ..verify.gate import admit_next
 from .block_drafter import BlockHeadDrafter
 from .heads.dspark import DSparkHead
-
-
-def admit_next(expected: float, survival: float, conf: float, k: int, max_len: int,
-               cost: VerifyCostModel | None, threshold: float) -> bool:
-    """Verify position k (1-based)? `expected` = 1 + S_1 + ... + S_{k-1}; `survival` = S_k."""
-    if cost is None:
-        return survival >= threshold
-    n = torch.arange(k - 1, max_len + 1, dtype=torch.float64)  # candidate prefix lengths
-    steps = n - (k - 1)  # positions added beyond k-1: S_k, S_k c, S_k c^2, ...
-    c = min(max(conf, 0.0), 1.0 - 1e-9)
-    gain = survival * (1 - c ** steps) / (1 - c)
-    value = (expected + gain) / cost.seconds(n + 1).clamp_min(1e-12)
-    return int(n[int(torch.argmax(value))]) >= k
 
 
 class DSparkDrafter(BlockHeadDrafter):

@@ -21,6 +21,7 @@ import torch
 
 from ..tree.draft_tree import DraftTree
 from .ngram import NGramDrafter
+from .registry import DrafterSpec
 
 
 class LookupMergedDrafter:
@@ -126,3 +127,9 @@ class LookupMergedDrafter:
         )
         self._last = (len(tokens), out, [grafted[i] for i in order])
         return out
+
+
+def with_lookup(spec: DrafterSpec) -> DrafterSpec:
+    """The registry entry "<spec.name>+ngram": `spec`'s tree with prompt-lookup continuations grafted on."""
+    return DrafterSpec(f"{spec.name}+ngram", lambda ctx: LookupMergedDrafter(spec.build(ctx)), family=spec.family,
+                       tree=True, fork=spec.fork, help=f"{spec.help}, with prompt-lookup continuations grafted on")

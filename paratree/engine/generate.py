@@ -16,9 +16,8 @@ import torch
 from ..drafters.base import Drafter, NoDrafter
 from ..models.runner import ContextOverflowError, TargetRunner
 from ..tree.draft_tree import DraftTree
-from ..verify.accept import accept
-from ..verify.stopping import truncate_emitted
 from ..verify.warp import SamplingParams
+from .rounds import draft_budget, emit, verify_round
 
 
 @dataclass
@@ -46,6 +45,20 @@ class GenerationResult:
     @property
     def tokens_per_s(self) -> float:
         return self.num_new_tokens / max(self.time_total, 1e-9)
+
+
+@dataclass
+class _Sequence:
+    """The one sequence a Generator decodes (what `rounds` needs of a sequence)."""
+
+    tokens: list[int]
+    max_new_tokens: int
+    drafter: Drafter
+    params: SamplingParams
+    gen: torch.Generator
+    new: list[int] = field(default_factory=list)
+    row: int = 0
+    finish: str = "length"
 
 
 class Generator:
@@ -89,63 +102,44 @@ class Generator:
                 f"prompt of {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} = {need} "
                 f"exceeds the context window of {runner.max_len} tokens"
             )
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         drafter, taps = self.drafter, self.drafter.tap_layers
+        seq = _Sequence(list(prompt_ids), max_new_tokens, drafter, params,
+                        torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed()))
         gate = getattr(self.sizer, "gate", None)  # AutoSizer: draft only while drafting pays
+        propose_budget = getattr(self.sizer, "propose_budget", None)  # AutoSizer: ask for what it may keep
         runner.warmup(tuple(taps))  # --compile: graphs are built here, not inside a timed round
         t0 = time.perf_counter()
         runner.reset()
         prompt_taps = runner.prefill(prompt_ids[:-1], taps=taps) if len(prompt_ids) > 1 else None
         drafter.begin(list(prompt_ids), prompt_taps)
-        t_prefill = time.perf_counter() - t0
-        tokens = list(prompt_ids)
-        new: list[int] = []
-        res = GenerationResult([], "length", 0, t_prefill, 0.0, 0.0, 0.0)
+        res = GenerationResult([], "length", 0, time.perf_counter() - t0, 0.0, 0.0, 0.0)
         finished = False
         while not finished:
-            remaining = max_new_tokens - len(new)
-            # The tree may not outgrow the cache; the root itself always fits (need <= max_len).
-            room = runner.max_len - runner.lengths[0]
             t1 = time.perf_counter()
             drafted = gate is None or gate.draft_now()
             if drafted:
-                tree = drafter.propose(tokens, max(1, min(self.budget, room, remaining + 1)))
+                budget = draft_budget(self.budget, runner.max_len - runner.lengths[0], max_new_tokens - len(seq.new))
+                tree = drafter.propose(seq.tokens, budget if propose_budget is None else propose_budget(budget))
                 if self.sizer is not None:
                     tree = self.sizer(tree)
             else:  # the gate measured plain decoding faster lately: no draft pass this round
-                tree = DraftTree.chain([tokens[-1]])
+                tree = DraftTree.chain([seq.tokens[-1]])
             t2 = time.perf_counter()
-            out = runner.verify(tree, taps=taps)
-            acc = accept(tree, out.logits, params, gen, method=self.method)
+            [(path, accepted)] = verify_round(runner, [seq], [tree], self.method, taps)
             if drafted and self.sizer is not None and hasattr(self.sizer, "observe"):
-                self.sizer.observe(tree, acc.path, acc.tokens)
-            runner.commit(acc.path)
-            drafter.update(tree.tokens[acc.path].tolist(), None if out.taps is None else out.taps[acc.path])
+                self.sizer.observe(tree, path, accepted)
             t3 = time.perf_counter()
             res.time_draft += t2 - t1
             res.time_verify += t3 - t2
             res.rounds += 1
             res.tree_sizes.append(tree.num_nodes)
-            res.accept_depths.append(len(acc.path) - 1)
-            emitted, finished = truncate_emitted(acc.tokens, self.eos_ids, remaining)
+            res.accept_depths.append(len(path) - 1)
+            emitted, finished = emit(seq, accepted, self.eos_ids, stop_check)
             res.accepted_per_round.append(len(emitted))
             if gate is not None:
-                gate.observe(drafted, len(acc.tokens), t3 - t1)
-            if finished and emitted and emitted[-1] in self.eos_ids:
-                res.finish_reason = "stop"
-            if stop_check is not None:
-                cut = stop_check(new + emitted)
-                if cut is not None:
-                    total = (new + emitted)[:cut]
-                    emitted = total[len(new):]
-                    del new[cut:]
-                    finished, res.finish_reason = True, "stop"
-            new.extend(emitted)
-            tokens.extend(emitted)
-            if len(new) >= max_new_tokens:
-                finished = True
+                gate.observe(drafted, len(accepted), t3 - t1)
             if on_tokens is not None and emitted and on_tokens(emitted):
-                finished, res.finish_reason = True, "cancelled"
-        res.token_ids = new
+                finished, seq.finish = True, "cancelled"
+        res.token_ids, res.finish_reason = seq.new, seq.finish
         res.time_total = time.perf_counter() - t0
         return res

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..drafters import make_drafter
 from ..models.loader import LoadedModel, load_model
 from ..models.runner import TargetRunner
 from ..verify.stopping import StopStrings
 from ..verify.warp import SamplingParams
+from .costs import CostService
 from .generate import GenerationResult, Generator
+from .rounds import stop_cut
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> list[int]:
@@ -25,13 +29,24 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> lis
 
 
 class Pipeline:
-    def __init__(self, lm: LoadedModel, drafter: str = "ngram", budget: int = 32, max_len: int | None = None,
-                 method: str = "auto", **drafter_options):
+    """`budget`: the tree budget, or "auto" (each tree sized against this machine's measured verify
+    cost; a short calibration runs first when there is no profile, announced by `on_calibrate`)."""
+
+    def __init__(self, lm: LoadedModel, drafter: str = "ngram", budget: int | str = 32, max_len: int | None = None,
+                 method: str = "auto", on_calibrate: Callable[[], None] | None = None, **drafter_options):
         self.lm = lm
         self.drafter_name = drafter
+        self.costs = CostService(lm, on_calibrate=on_calibrate)
         self.runner = TargetRunner(lm.model, max_len=max_len or min(lm.config.max_position, 8192))
-        self.drafter = make_drafter(drafter, lm, **drafter_options)
-        self.generator = Generator(self.runner, self.drafter, eos_ids=lm.eos_ids, budget=budget, method=method)
+        self.drafter = make_drafter(drafter, lm, cost=self.costs.verify_curve(), **drafter_options)
+        sizer = None
+        if budget == "auto" and drafter != "plain":
+            sizer = self.costs.auto_sizer(drafter)
+            budget = sizer.max_nodes
+        elif budget == "auto":
+            budget = 1
+        self.generator = Generator(self.runner, self.drafter, eos_ids=lm.eos_ids, budget=int(budget), method=method,
+                                   sizer=sizer)
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "auto", compile: bool = False, exact: bool = False,
@@ -50,15 +65,9 @@ class Pipeline:
         ids = prompt if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)) else self.encode(prompt, chat)
         stopper = StopStrings(stop) if stop else None
         decode = self.decode
-
-        def stop_check(new_ids):  # shortest token prefix whose text reaches a stop string
-            at = stopper.find(decode(new_ids))
-            if at is None:
-                return None
-            return next(k for k in range(1, len(new_ids) + 1) if len(decode(new_ids[:k])) > at)
-
+        stop_check = None if stopper is None else (lambda new_ids: stop_cut(stopper, decode, new_ids))
         res = self.generator.generate(ids, max_new_tokens, params, on_tokens=on_tokens,
-                                      stop_check=stop_check if stopper is not None else None)
+                                      stop_check=stop_check)
         text = decode(res.token_ids)
         if stopper is not None and (at := stopper.find(text)) is not None:
             text = text[:at]

@@ -31,9 +31,7 @@ so acceptance stays lossless.
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
-import platform
 import threading
 import time
 import traceback
@@ -46,9 +44,10 @@ from ..drafters.base import Drafter, NoDrafter
 from ..models.runner import TargetRunner
 from ..tree.cost import VerifyCostModel, subtree_prefix
 from ..tree.draft_tree import DraftTree
-from ..verify.accept import accept, accept_batch, stack_trees
-from ..verify.stopping import StopStrings, truncate_emitted
+from ..verify.stopping import StopStrings
 from ..verify.warp import SamplingParams
+from .costs import measure_verify_cost
+from .rounds import draft_budget, emit, stop_cut, verify_round
 from .sizing import AcceptanceModel, RateGate
 
 POLICIES = ("adaptive", "latency", "throughput")
@@ -154,6 +153,14 @@ class _Seq:
         self.sent = 0  # characters of text already streamed
         self.order = order
 
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.req.max_new_tokens
+
 
 # ---------------------------------------------------------------------------------------
 # policy
@@ -247,66 +254,6 @@ class ServePolicy:
                 t = replace(t, q=None)  # no longer q-distributed children: target-sample matching (lossless)
             out.append(t)
         return Plan(mode, out, sources, perms)
-
-
-def measure_verify_cost(runner: TargetRunner, sizes=(1, 4, 16, 64, 256), repeats: int = 2) -> VerifyCostModel:
-    """Quick T(total verify nodes) curve of batched forwards on this machine.
-
-    n nodes are spread over min(n, batch_size) rows as chains. One untimed sweep over all
-    sizes first (first forwards of a new shape pay one-off kernel set-up), then `repeats`
-    timed sweeps, round-robin so a burst of load from other processes does not bend one
-    part of the curve; the fastest time per size is kept.
-    """
-    rows = list(range(runner.batch_size))
-    saved = list(runner.lengths)
-
-    def run(n: int) -> None:
-        r = min(n, len(rows))
-        per = [n // r + (1 if i < n % r else 0) for i in range(r)]
-        runner.verify_batch([DraftTree.chain([1] * k) for k in per], rows[:r])
-        for i in rows[:r]:
-            runner._last_tree_size[i] = 0
-
-    try:
-        for n in sizes:
-            run(n)
-        best = {n: float("inf") for n in sizes}
-        for _ in range(max(1, repeats)):
-            for n in sizes:
-                t0 = time.perf_counter()
-                run(n)
-                best[n] = min(best[n], time.perf_counter() - t0)
-        return VerifyCostModel([(n, best[n]) for n in sizes])
-    finally:
-        runner.lengths[:] = saved
-
-
-def cost_model_key(ckpt: str, dtype: torch.dtype | str, max_batch: int) -> str:
-    raw = f"{ckpt}|{dtype}|{torch.get_num_threads()}|{max_batch}|{platform.machine()}|{platform.node()}|{torch.__version__}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
-def load_or_measure_cost(runner: TargetRunner, path, sizes=(1, 4, 16, 64, 256), repeats: int = 2
-                         ) -> tuple[VerifyCostModel, bool]:
-    """(cost model, measured_now): read `path` if it holds one, else measure and store it there."""
-    from pathlib import Path
-
-    p = Path(path) if path else None
-    if p is not None and p.is_file():
-        try:
-            return VerifyCostModel.from_json(p.read_text()), False
-        except (ValueError, KeyError, TypeError):
-            pass
-    cost = measure_verify_cost(runner, sizes, repeats)
-    if p is not None:
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp")
-            tmp.write_text(cost.to_json())
-            tmp.replace(p)
-        except OSError:
-            pass
-    return cost, True
 
 
 # ---------------------------------------------------------------------------------------
@@ -572,11 +519,8 @@ class Scheduler:
             prior = "plain"
         arm = prior if gate is None else gate.choose(prior)
         if arm != "plain":
-            drafted = []
-            for s in seqs:
-                remaining = s.req.max_new_tokens - len(s.new)
-                room = self.max_model_len - runner.lengths[s.row]
-                drafted.append(s.drafter.propose(s.tokens, max(1, min(self.budget, room, remaining + 1))))
+            drafted = [s.drafter.propose(s.tokens, draft_budget(self.budget, self.max_model_len - runner.lengths[s.row],
+                                                                 s.req.max_new_tokens - len(s.new))) for s in seqs]
             plan = self.policy.plan(drafted, self._overhead_s, mode=arm)
             if arm == "throughput":
                 roots_only = all(t.num_nodes == 1 for t in plan.trees)
@@ -587,31 +531,13 @@ class Scheduler:
         trees = plan.trees
         taps = tuple(sorted({t for s in seqs for t in s.drafter.tap_layers}))
         t1 = time.perf_counter()
-        rows = [s.row for s in seqs]
-        out = runner.verify_batch(trees, rows, taps=taps)
+        # every row is committed inside verify_round, before any row is released (releases move rows)
+        results = verify_round(runner, seqs, trees, self.method, taps)
         t2 = time.perf_counter()
-        # acceptance: all greedy rows in one batched walk, sampled rows with their own generator
-        results: list[tuple[list[int], list[int]]] = [([], [])] * len(seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.req.params.is_greedy and self.method in ("auto", "greedy")]
-        if greedy:
-            tok, par, _ = stack_trees([trees[i] for i in greedy])
-            logits = out.logits if len(greedy) == len(seqs) else out.logits[greedy]
-            res = accept_batch(tok, par, logits[:, : tok.shape[1]], SamplingParams(), None, "greedy")
-            for j, i in enumerate(greedy):
-                n = int(res.lengths[j])
-                results[i] = (res.paths[j, :n].tolist(), res.tokens[j, :n].tolist())
-        gset = set(greedy)
-        for i, s in enumerate(seqs):
-            if i not in gset:
-                a = accept(trees[i], out.logits[i, : trees[i].num_nodes], s.req.params, s.gen, method=self.method)
-                results[i] = (a.path, a.tokens)
         est = self.policy.estimator
-        for i, s in enumerate(seqs):  # commit every row before any row is released (releases move rows)
-            path, toks = results[i]
-            runner.commit(path, seq=s.row)
-            tap_rows = None if out.taps is None else out.taps[i, path]
-            s.drafter.update(trees[i].tokens[path].tolist(), tap_rows)
+        for i, s in enumerate(seqs):
             if plan.sources[i].num_nodes > 1:  # learn from the whole drafted tree (path mapped back)
+                path, toks = results[i]
                 perm = plan.perms[i]
                 est.observe(drafted[i], path if perm is None else perm[path].tolist(), toks)
         emitted_total = 0
@@ -638,25 +564,11 @@ class Scheduler:
     # -- per-sequence bookkeeping ------------------------------------------------------------
     def _emit(self, s: _Seq, acc_tokens: list[int], tree_size: int) -> int:
         """Apply one round's accepted tokens to `s` (EOS, length, stop strings), stream, maybe finish."""
-        remaining = s.req.max_new_tokens - len(s.new)
-        emitted, finished = truncate_emitted(acc_tokens, self.eos_ids, remaining)
+        stop_check = None if s.stopper is None else (lambda ids: stop_cut(s.stopper, self.decode, ids))
+        emitted, finished = emit(s, acc_tokens, self.eos_ids, stop_check)
         s.rounds += 1
         s.tree_sizes.append(tree_size)
         s.accepted.append(len(emitted))
-        if finished and emitted and emitted[-1] in self.eos_ids:
-            s.finish = "stop"
-        if s.stopper is not None:  # as Pipeline.generate: shortest token prefix whose text reaches a stop string
-            total = s.new + emitted
-            at = s.stopper.find(self.decode(total))
-            if at is not None:
-                cut = next(k for k in range(1, len(total) + 1) if len(self.decode(total[:k])) > at)
-                emitted = total[:cut][len(s.new):]
-                del s.new[cut:]
-                finished, s.finish = True, "stop"
-        s.new.extend(emitted)
-        s.tokens.extend(emitted)
-        if len(s.new) >= s.req.max_new_tokens:
-            finished = True
         if emitted and s.ttft is None:
             s.ttft = time.perf_counter() - s.t0
         if finished:

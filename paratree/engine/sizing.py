@@ -1,9 +1,6 @@
 """`--budget auto`: size every draft tree against this machine's measured verify cost.
 
-`calibrate` measures verify latency T(n) for trees of 1..256 nodes on top of a
-realistic KV-cache length, the draft latency of every drafter and the fixed
-per-round overhead, and stores them as a JSON profile under the paratree cache
-dir. `AutoSizer` then prunes each proposed tree to the prefix that maximises
+The curve comes from the calibration profile (`engine.costs`). `AutoSizer` prunes each proposed tree to the prefix that maximises
 expected accepted tokens per second (`tree.cost.size_tree`). Acceptance per node
 comes from the drafter's own probabilities when the tree carries them (`cum_logp`),
 calibrated online against verify outcomes, else from a per-(depth, rank) acceptance
@@ -16,203 +13,13 @@ changes what is generated, only how fast.
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
-import os
-import re
-import socket
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
-from ..models.loader import LoadedModel, cache_dir, dtype_name
-from ..models.runner import TargetRunner
-from ..models.kernels import cpu_signature, median_seconds
-from ..models.transformer import linear_kernels
-from ..tree.builders import AcceptanceProfile, build_best_first
-from ..tree.cost import VerifyCostModel, path_accept_prob, path_product, size_tree
+from ..tree.builders import AcceptanceProfile
+from ..tree.cost import VerifyCostModel, path_accept_prob, path_product, size_tree, subtree_prefix
 from ..tree.draft_tree import DraftTree
-
-CALIBRATION_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-QUICK_SIZES = (1, 4, 16, 64, 256)
-PROFILE_VERSION = 2  # 2: profiles keyed by GEMM kernels, bucket edges measured
-
-
-# -- profile location ------------------------------------------------------------------
-def model_key(lm: LoadedModel) -> str:
-    """The model's display name, plus a path hash for checkpoint directories (names like 'model' collide)."""
-    from ..models.loader import PACKAGED
-
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", lm.name)
-    if lm.name in PACKAGED:
-        return name
-    return f"{name}-{hashlib.sha1(str(Path(lm.path).resolve()).encode()).hexdigest()[:8]}"
-
-
-def profile_path(lm: LoadedModel, dtype: str | torch.dtype | None = None) -> Path:
-    dt = dtype_name(dtype if dtype is not None else lm.model.embed.weight.dtype)
-    kernels, _ = linear_kernels(lm.model)  # e.g. 'onednn', 'stock2-mkl4.8.16.32.64-stock': the curve's shape
-    return cache_dir() / "profiles" / f"{model_key(lm)}-{dt}-{kernels}-{cpu_signature()}.json"
-
-
-def calibration_sizes(lm: LoadedModel, base: Sequence[int]) -> list[int]:
-    """`base` plus both sides of every row-bucket edge of the model's GEMM kernels, so a
-    staircase-shaped cost curve is measured at its steps (interpolation would smooth them)."""
-    _, buckets = linear_kernels(lm.model)
-    return sorted(set(base) | {m for b in buckets for m in (b, b + 1)})
-
-
-# -- calibration -----------------------------------------------------------------------
-def random_best_first_tree(root: int, n: int, vocab: int, gen: torch.Generator, depth: int = 12,
-                           width: int = 6) -> DraftTree:
-    """A tree of exactly n nodes with the shape a best-first drafter produces (random peaked rows)."""
-    if n <= 1:
-        return DraftTree.chain([root])
-    logits = torch.randn(depth, vocab, generator=gen, dtype=torch.float64) * 4.0
-    tree = build_best_first(root, logits, budget=n, max_depth=depth, width=width, keep_q=False)
-    while tree.num_nodes < n:  # cannot happen for n <= 256 with these parameters, but stay exact
-        width += 2
-        tree = build_best_first(root, logits, budget=n, max_depth=depth, width=width, keep_q=False)
-    return tree
-
-
-def measure_verify(runner: TargetRunner, sizes: Sequence[int], past_len: int = 256, repeats: int = 5,
-                   seed: int = 0, on_point: Callable[[int, float], None] | None = None) -> list[tuple[int, float]]:
-    """Median latency of `runner.verify` on random best-first trees of each size, after `past_len` cached tokens.
-
-    Sizes are timed round-robin (one pass over all sizes per repeat), so a burst of load
-    from other processes hits every size alike instead of bending one part of the curve.
-    """
-    vocab = runner.cfg.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    past_len = max(1, min(past_len, runner.max_len - max(sizes) - 1))
-    runner.reset()
-    runner.prefill(torch.randint(0, vocab, (past_len,), generator=gen).tolist())
-    trees = [random_best_first_tree(int(torch.randint(0, vocab, (1,), generator=gen)), n, vocab, gen) for n in sizes]
-    for tree in trees:  # warm-up; verify without commit keeps the cache at past_len (same slots reused)
-        runner.verify(tree)
-    times: list[list[float]] = [[] for _ in sizes]
-    for _ in range(repeats):
-        for k, tree in enumerate(trees):
-            t0 = time.perf_counter()
-            runner.verify(tree)
-            times[k].append(time.perf_counter() - t0)
-    points = [(int(n), statistics.median(ts)) for n, ts in zip(sizes, times)]
-    if on_point is not None:
-        for n, s in points:
-            on_point(n, s)
-    runner.reset()
-    return points
-
-
-def _context_ids(lm: LoadedModel, n: int = 256) -> list[int]:
-    """Real text token ids for timing drafters (GSM8K questions), padded/cut to n."""
-    from ..bench.datasets import load_prompts
-
-    text = "\n".join(load_prompts("gsm8k", limit=12))
-    ids = lm.tokenizer.encode(text) if lm.tokenizer is not None else []
-    if not ids:
-        ids = list(range(1, 64))
-    while len(ids) < n:
-        ids = ids + ids
-    return ids[:n]
-
-
-def measure_drafters(lm: LoadedModel, names: Sequence[str] | None = None, budget: int = 32, repeats: int = 5,
-                     ctx_len: int = 256, max_budget: int | None = None) -> dict[str, dict]:
-    """Median `propose` latency per drafter at `budget` (and at `max_budget`, what `--budget auto` proposes).
-
-    Errors are recorded, never raised: a trained head may be missing on this machine.
-    """
-    from ..drafters import DRAFTERS, make_drafter
-
-    ids = _context_ids(lm, ctx_len)
-    out: dict[str, dict] = {}
-    for name in names if names is not None else DRAFTERS:
-        try:
-            d = make_drafter(name, lm)
-            taps = None
-            if getattr(d, "tap_layers", ()):
-                runner = TargetRunner(lm.model, max_len=ctx_len + budget + 8)
-                taps = runner.prefill(ids[:-1], taps=d.tap_layers)
-            d.begin(list(ids), taps)
-            s = median_seconds(lambda: d.propose(list(ids), budget), repeats)
-            out[name] = {"seconds": s, "budget": budget}
-            if max_budget and max_budget != budget:
-                out[name]["seconds_max"] = median_seconds(lambda: d.propose(list(ids), max_budget), repeats)
-                out[name]["budget_max"] = max_budget
-        except Exception as e:  # a drafter that cannot run here is reported, not fatal
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
-    return out
-
-
-def measure_round_overhead(lm: LoadedModel, runner: TargetRunner, repeats: int = 21) -> float:
-    """Per-round work besides draft and verify forward: acceptance over the verified logits (median)."""
-    from ..verify.accept import accept
-    from ..verify.warp import SamplingParams
-
-    runner.reset()
-    runner.prefill(list(range(1, 17)))
-    tree = DraftTree.chain([1])
-    logits = runner.verify(tree).logits
-    params = SamplingParams()
-    s = median_seconds(lambda: accept(tree, logits, params, None), repeats)
-    runner.reset()
-    return s
-
-
-def calibrate(lm: LoadedModel, sizes: Sequence[int] | None = None, max_nodes: int = 256, past_len: int = 256,
-              repeats: int = 5, drafters: Sequence[str] | None = None, path: Path | None = None,
-              on_point: Callable[[int, float], None] | None = None) -> dict:
-    """Measure this machine's verify cost curve and drafter latencies; write and return the profile."""
-    sizes = sorted({int(s) for s in calibration_sizes(lm, sizes or CALIBRATION_SIZES) if 1 <= int(s) <= max_nodes}
-                   | {1})
-    runner = TargetRunner(lm.model, max_len=min(lm.config.max_position, past_len + max(sizes) + 64))
-    t_start = time.perf_counter()
-    points = measure_verify(runner, sizes, past_len=past_len, repeats=repeats, on_point=on_point)
-    overhead = measure_round_overhead(lm, runner)
-    draft = measure_drafters(lm, drafters, repeats=repeats, max_budget=max(sizes))
-    cost = VerifyCostModel(points)
-    kernel_kind, buckets = linear_kernels(lm.model)
-    profile = {
-        "version": PROFILE_VERSION,
-        "model": lm.name,
-        "model_path": str(lm.path),
-        "dtype": dtype_name(lm.model.embed.weight.dtype),
-        "host": socket.gethostname(),
-        "cpu": cpu_signature(),
-        "torch_threads": torch.get_num_threads(),
-        "linear_kernels": [kernel_kind, list(buckets)],
-        "past_len": past_len,
-        "repeats": repeats,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "calibration_seconds": round(time.perf_counter() - t_start, 3),
-        "verify_points": [[n, s] for n, s in points],  # measured medians
-        "verify_model": [[n, s] for n, s in cost.points],  # monotone (running max) as VerifyCostModel keeps them
-        "round_overhead_s": overhead,
-        "draft": draft,
-    }
-    path = Path(path) if path is not None else profile_path(lm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(profile, indent=1))
-    tmp.replace(path)
-    profile["path"] = str(path)
-    return profile
-
-
-def load_profile(path: Path) -> dict | None:
-    try:
-        prof = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if prof.get("version") != PROFILE_VERSION or not prof.get("verify_points"):
-        return None
-    prof["path"] = str(path)
-    return prof
 
 
 def profile_cost(profile: dict) -> VerifyCostModel:
@@ -220,19 +27,27 @@ def profile_cost(profile: dict) -> VerifyCostModel:
     return VerifyCostModel([(int(n), float(s)) for n, s in profile["verify_points"]])
 
 
-def get_profile(lm: LoadedModel, calibrate_if_missing: bool = True, quick: bool = True, **kw) -> dict | None:
-    """The stored profile for this model, dtype and machine; a short calibration runs when it is missing."""
-    path = profile_path(lm)
-    prof = load_profile(path)
-    if prof is None and calibrate_if_missing:
-        if quick:
-            kw.setdefault("sizes", QUICK_SIZES)
-            kw.setdefault("repeats", 3)
-        prof = calibrate(lm, path=path, **kw)
-    return prof
-
 
 # -- online sizing -----------------------------------------------------------------------
+def parse_budget(text: str | int) -> int | str:
+    """A tree budget: a positive node count (root included) or "auto"."""
+    if isinstance(text, int):
+        if text < 1:
+            raise ValueError(f"budget must be >= 1, got {text}")
+        return text
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        b = int(t)
+    except ValueError:
+        raise ValueError(f"bad budget '{text}': use a positive integer or 'auto'") from None
+    if b < 1:
+        raise ValueError(f"budget must be >= 1, got {b}")
+    return b
+
+
+
 class ProbCalibration:
     """Online map from a draft node's own conditional probability to how often the target
     really picks it (given its parent was reached), per depth bucket and log-probability bin.
@@ -433,6 +248,7 @@ class AutoSizer:
         self.max_nodes = int(max_nodes or cost.points[-1][0])
         self.acceptance = AcceptanceModel(prior_weight, max_depth, width)
         self.gate = PayoffGate()  # the generator asks it whether to draft at all this round
+        self.headroom, self.min_propose, self.recent = 2, 8, 8
         self._full: DraftTree | None = None
         self.proposed_nodes: list[int] = []
         self.kept_nodes: list[int] = []
@@ -448,6 +264,20 @@ class AutoSizer:
     def node_accept_prob(self, tree: DraftTree) -> torch.Tensor:
         return self.acceptance.node_probs(tree)
 
+    def propose_budget(self, limit: int) -> int:
+        """How many nodes to ask the drafter for: `headroom` x the largest tree kept over the last
+        `recent` rounds (at least `min_propose`), capped at `limit` and at the cost curve's end.
+
+        Why: drafting a 256-node tree to keep 5 of its nodes cost more than the verify it saved
+        (measured on the gguf runtime: 129-node proposals, ~5 kept, drafted rounds at 50 tok/s
+        against plain rounds' 67, so the payoff gate switched drafting off). A best-first drafter's
+        smaller tree is the top of its larger one, so asking for what the sizer keeps loses nothing;
+        the headroom lets the kept size grow again when acceptance rises.
+        """
+        kept = self.kept_nodes[-self.recent:]
+        want = max(self.min_propose, self.headroom * max(kept)) if kept else 4 * self.min_propose
+        return max(1, min(limit, self.max_nodes, want))
+
     def __call__(self, tree: DraftTree) -> DraftTree:
         self._full = tree
         self.proposed_nodes.append(tree.num_nodes)
@@ -455,8 +285,6 @@ class AutoSizer:
             out = tree
         else:
             if tree.num_nodes > self.max_nodes:
-                from ..tree.cost import subtree_prefix
-
                 tree = subtree_prefix(tree, self.max_nodes)
             out = size_tree(tree, self.node_accept_prob(tree), self.cost, self.fixed_seconds)
         self.kept_nodes.append(out.num_nodes)
@@ -466,16 +294,3 @@ class AutoSizer:
         full = self._full if self._full is not None else tree
         self._full = None
         self.acceptance.observe(full, path, tokens)
-
-
-def make_auto_sizer(lm: LoadedModel, drafter: str, calibrate_if_missing: bool = True,
-                    on_calibrate: Callable[[], None] | None = None) -> tuple[AutoSizer, dict]:
-    """An AutoSizer for `drafter` on `lm` from the stored profile (a short calibration if there is none)."""
-    prof = load_profile(profile_path(lm))
-    if prof is None:
-        if not calibrate_if_missing:
-            raise ValueError(f"no calibration profile at {profile_path(lm)}: run `paratree calibrate`")
-        if on_calibrate is not None:
-            on_calibrate()
-        prof = get_profile(lm, calibrate_if_missing=True)
-    return AutoSizer.from_profile(prof, drafter), prof

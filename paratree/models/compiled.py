@@ -32,6 +32,7 @@ import warnings
 
 import torch
 
+from . import transformer
 from .transformer import Transformer
 
 
@@ -95,8 +96,6 @@ class CompiledDecoder:
         # on the row count, so trees keep the op. (`freezing` as a torch.compile option did not reach
         # the packing pass; the scoped config patch does.)
         from torch._inductor import config as inductor_config
-
-        from . import transformer
 
         transformer.FROZEN_TRACE = True
         try:

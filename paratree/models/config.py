@@ -16,6 +16,14 @@ class UnsupportedModelError(ValueError):
     """The checkpoint exists but is not of a family paratree can run."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint's files are there but unusable: config.json lacks keys, weights are corrupt."""
+
+
+# config.json keys every supported family needs (the rest have defaults)
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
@@ -47,6 +55,13 @@ class ModelConfig:
         if rope_type not in ("default", None):
             raise UnsupportedModelError(f"unsupported rope type '{rope_type}': paratree implements default RoPE")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        missing = [k for k in REQUIRED_KEYS if d.get(k) is None]
+        if missing:
+            raise CheckpointError(f"config lacks {', '.join(repr(k) for k in missing)}, needed by a {arch} model")
+        bad = [f"{k}={d[k]!r}" for k in (*REQUIRED_KEYS, "num_key_value_heads", "head_dim")
+               if d.get(k) is not None and (not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 1)]
+        if bad:
+            raise CheckpointError(f"config has non-positive or non-integer {', '.join(bad)}")
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         if arch == "qwen2":

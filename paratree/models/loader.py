@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .config import SUPPORTED_ARCHS, ModelConfig, UnsupportedModelError
+from .config import SUPPORTED_ARCHS, CheckpointError, ModelConfig, UnsupportedModelError
 from .quant import load_int4_linears, source_gguf
-from .transformer import Transformer, load_hf_state_dict, pack_for_cpu
+from .compiled import CompiledDecoder
+from .transformer import Transformer, hf_state_dict, load_hf_state_dict, pack_for_cpu
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -227,15 +228,29 @@ def checkpoint_dir(spec: str | None) -> tuple[str, Path]:
 
 
 def read_config(ckpt: Path) -> ModelConfig:
-    return ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+    path = ckpt / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    try:
+        return ModelConfig.from_hf(d)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     sd: dict[str, torch.Tensor] = {}
     for f in sorted(ckpt.glob("*.safetensors")):
-        sd.update(load_file(f))
+        try:
+            sd.update(load_file(f))
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read weights file {f} (corrupt or truncated safetensors?): {e}") from None
     return sd
 
 
@@ -346,7 +361,14 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         model = Transformer(cfg)
     model = model.to_empty(device="cpu").to(dt)
     sd = load_weights(ckpt)
-    load_hf_state_dict(model, sd)
+    try:
+        load_hf_state_dict(model, sd)
+    except KeyError as e:
+        raise CheckpointError(f"the weights in {ckpt} lack tensor {e}") from None
+    except RuntimeError as e:
+        if not str(e).startswith("Error(s) in loading state_dict"):
+            raise
+        raise CheckpointError(f"the weights in {ckpt} do not fit its config.json: {str(e)[:300]}") from None
     model.eval().requires_grad_(False)
     if pack:
         pack_for_cpu(model, cache_dir(), keep_plain=compile)
@@ -361,8 +383,6 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
             layer.attn.row_invariant = exact
     del sd
     if compile:
-        from .compiled import CompiledDecoder
-
         model.compiled = CompiledDecoder(model)
     tok = AutoTokenizer.from_pretrained(ckpt) if tokenizer else None
     return LoadedModel(name=name, path=ckpt, model=model, tokenizer=tok, config=cfg)
@@ -376,8 +396,6 @@ def hf_twin(lm: LoadedModel):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from .transformer import hf_state_dict
 
     dtype = lm.model.embed.weight.dtype
     sd = hf_state_dict(lm.model)

@@ -92,6 +92,17 @@ class TargetRunner:
         self.lengths[seq] = start + len(path)
         self._last_tree_size[seq] = 0
 
+    def discard(self, seq: int = 0) -> None:
+        """Forget the last verified tree without committing any of it (timing runs, dropped rounds)."""
+        self._last_tree_size[seq] = 0
+
+    def truncate(self, n: int, seq: int = 0) -> None:
+        """Keep only the first `n` cached tokens of `seq` (a drafter rolling back its own cache)."""
+        if not 0 <= n <= self.lengths[seq]:
+            raise ValueError(f"cannot truncate a cache of {self.lengths[seq]} tokens to {n}")
+        self.lengths[seq] = n
+        self._last_tree_size[seq] = 0
+
     def warmup(self, taps: tuple[int, ...] = ()) -> None:
         """Build a compiled model's verify graphs for `taps` before anything is timed (no-op eagerly)."""
         compiled = getattr(self.model, "compiled", None)

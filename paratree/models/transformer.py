@@ -219,11 +219,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.inter = cfg.intermediate_size
-        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.inter = intermediate
+        self.w13 = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
         gate, up = self.w13(x).split(self.inter, dim=-1)
@@ -236,7 +236,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_len):
         x = x + self.attn(self.attn_norm(x), cos, sin, k_cache, v_cache, slots, mask, kv_len)

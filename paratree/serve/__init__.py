@@ -10,6 +10,6 @@ GET /health, GET /metrics (Prometheus text). Responses follow the OpenAI schema 
 "speculative" block (rounds, tau, accepted draft tokens, mean tree size, drafter, policy).
 
 Pieces: `protocol` (pydantic request models, error object), `app` (FastAPI app, auth and
-body-limit middleware, SSE), `engine` (model + tokenizer + `paratree.engine.scheduler.Scheduler`),
+body-limit middleware, SSE), `backend` (model + tokenizer + `paratree.engine.scheduler.Scheduler`),
 `server` (uvicorn), `bench_serve` (the serving benchmark).
 """

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.scheduler import EngineRequest, Event, QueueFullError, RequestResult
 from ..verify.warp import SamplingParams
-from .engine import ServeEngine
+from .backend import ServeEngine
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body, validation_error
 
 MAX_BODY_BYTES = 1 << 20

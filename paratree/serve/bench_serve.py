@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..data import load_prompts
+
 MODES = {  # server arguments per mode; "{drafter}" is the bench's --drafter
     "adaptive": ["--drafter", "{drafter}", "--policy", "adaptive"],
     "latency": ["--drafter", "{drafter}", "--policy", "latency"],
@@ -43,8 +45,6 @@ def mode_args(mode: str, drafter: str) -> list[str]:
 
 
 def bench_prompts(limit: int) -> list[str]:
-    from ..bench.datasets import load_prompts
-
     out = []
     sets = []
     for name in ("gsm8k", "humaneval"):

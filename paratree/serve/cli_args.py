@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from ..drafters import drafters
+from .bench_serve import add_bench_args
+
 
 def add_serve_parsers(sub, add_model_args, add_drafter_args, cmd_serve, cmd_bench_serve) -> None:
-    from ..drafters import DRAFTERS
-
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     add_model_args(s)
-    s.add_argument("--drafter", default="ngram", choices=DRAFTERS,
+    s.add_argument("--drafter", default="ngram", choices=drafters(),
                    help="ngram (default: training-free, cheap per sequence under batching), a head drafter "
                         "(--head DIR) or draft-model (--draft-model NAME)")
     add_drafter_args(s)
@@ -27,8 +28,6 @@ def add_serve_parsers(sub, add_model_args, add_drafter_args, cmd_serve, cmd_benc
     if "--threads" not in s._option_string_actions:  # shared model args may already carry it
         s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     s.set_defaults(func=cmd_serve)
-
-    from .bench_serve import add_bench_args
 
     bs = sub.add_parser("bench-serve", help="serving benchmark: tok/s at 1-16 clients, speculation adaptive vs off "
                                             "vs latency-only")

@@ -6,6 +6,8 @@ import os
 import socket
 import sys
 
+from .backend import ServeEngine
+
 
 def serve(model: str | None = None, dtype: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_body_bytes: int = 1 << 20, log_level: str = "warning",
@@ -16,8 +18,7 @@ def serve(model: str | None = None, dtype: str = "auto", host: str = "127.0.0.1"
     if threads:
         torch.set_num_threads(threads)
 
-    from .app import create_app
-    from .engine import ServeEngine
+    from .app import create_app  # FastAPI: the optional `serve` extra
 
     api_key = api_key or os.environ.get("PARATREE_API_KEY") or None
     engine = ServeEngine.load(model, dtype, **engine_kw)

@@ -5,42 +5,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def _loss_line(cfg: dict, tc: dict, summary: dict) -> str:
-    if cfg["family"] == "dspark":  # its own mix (train.losses.dspark_loss); `loss` is unused
-        cal = summary["final"].get("calibration") or {}
-        ece = summary["final"].get("eval_ece")
-        return (f"- Loss: 0.1 CE + 0.9 TV on the drafts, plus BCE of the confidence head toward 1 - TV; "
-                f"Markov head rank {tc.get('markov_rank')}"
-                + (f"; held-out confidence ECE {ece:.3f}" if ece is not None else "")
-                + (f", temperature-scaled (T = {cal['conf_temperature']:.3f}, ECE after {cal['ece_after']:.3f})"
-                   if cal else "") + ".")
-    return (f"- Loss: {tc['loss']}" + (f" (temperature {tc['kl_temperature']})" if tc["loss"] == "kl" else
-                                      f" (gamma {tc['gamma']})" if tc["loss"] == "ce_decay" else "")
-            + (f"; un-masked prefix probability {tc['unmask_prob']}" if tc.get("unmask_prob") else ""))
+from ..drafters.registry import head_family_of
 
 
 def write_model_card(head_dir: str | Path, train_command: str, data_command: str,
                      bench_rows: list[dict] | None = None, bench_command: str = "", notes: str = "") -> Path:
     head_dir = Path(head_dir)
+    missing = [n for n in ("train_summary.json", "head_config.json", "head.safetensors") if not (head_dir / n).is_file()]
+    if missing:
+        raise ValueError(f"'{head_dir}' lacks {', '.join(missing)}: --head must be a `paratree train` output directory")
     summary = json.loads((head_dir / "train_summary.json").read_text())
     cfg = json.loads((head_dir / "head_config.json").read_text())
     tc = summary["config"]
     size_mb = (head_dir / "head.safetensors").stat().st_size / 1e6
-    eagle = cfg["family"] == "eagle"
+    family = head_family_of(cfg["family"])
     lines = [
         f"# {cfg['family']} draft head for {cfg['target_name']}",
         "",
-        f"- Architecture: {cfg['num_layers']} layer(s), hidden {cfg['target_hidden']}, " + (
-            f"autoregressive over [token embedding ; fused taps], {cfg['block_size']} training-time-test steps"
-            if eagle else
-            f"block size {cfg['block_size']} ({cfg['block_size']} depths per pass), "
-            f"{'block-causal' if cfg['causal'] else 'bidirectional'} block attention")
+        f"- Architecture: {cfg['num_layers']} layer(s), hidden {cfg['target_hidden']}, "
+        + family.card_architecture(cfg)
         + f", taps from target layers {cfg['tap_layers']}, shares the target's embedding and LM head"
         + (f" (predicts over a {cfg['draft_vocab']}-token draft vocab: the most frequent tokens of the "
            f"training responses, mapped back to target ids)." if cfg.get("draft_vocab") else "."),
         f"- Parameters: {summary['head_params'] / 1e6:.2f} M; file: head.safetensors, bf16, {size_mb:.1f} MB.",
-        _loss_line(cfg, tc, summary),
+        family.card_loss(cfg, tc, summary),
         "",
         "## How it was made",
         "",
@@ -55,7 +43,7 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         f"- Sequences: {summary['train_sequences']} train / {summary['eval_sequences']} held out, "
         f"{summary['train_tokens']} train tokens (prompt + response).",
         f"- Steps: {summary['steps']} ({tc['seqs_per_step']} sequences x "
-        f"{'every position' if eagle else str(tc['anchors_per_seq']) + ' anchors'} per step), "
+        f"{family.card_rows_per_sequence(tc)} per step), "
         f"lr {tc['lr']}, {summary['world_size']} process(es).",
         *([f"- Initialised from the head at `{tc['init_from']}` (its own card and command: an earlier stage), "
            "not from random weights; its draft vocab is kept."] if tc.get("init_from") else []),

@@ -14,16 +14,20 @@ import json
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..bench.datasets import DATA, _read_jsonl, prompt_of
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..data import DATA, prompt_of, read_jsonl
 from ..engine.pipeline import encode_prompt
+from ..engine.scheduler import EngineRequest, Scheduler, ServePolicy
 from ..models.loader import LoadedModel
 from ..models.runner import TargetRunner
-from ..verify.warp import SamplingParams, sample, warp_probs
+from ..tree.cost import VerifyCostModel
+from ..verify.warp import SamplingParams
 
 # Training prompt sources (never an evaluation split): file, prompt field.
 SOURCES = {
@@ -44,26 +48,20 @@ def collect_prompts(mix: dict[str, int], seed: int = 0) -> list[dict]:
         if source not in SOURCES:
             raise ValueError(f"unknown prompt source '{source}': choose from {', '.join(SOURCES)}")
         rel, field = SOURCES[source]
-        rows = _read_jsonl(DATA / rel)
+        rows = read_jsonl(DATA / rel)
         picked = rng.sample(range(len(rows)), min(n, len(rows)))
         out += [{"source": source, "index": i, "prompt": prompt_of(rows[i], field)} for i in picked]
     rng.shuffle(out)
     return out
 
 
-@dataclass
-class _Slot:
-    """One sequence in flight: which job, its next input token, its response so far, its RNG."""
-
-    job: int
-    last: int
-    out: list[int]
-    gen: torch.Generator | None
-
-
 def _prompt_seed(seed: int, key: tuple) -> int:
     """A per-prompt sampling seed, so a sampled response does not depend on what it was batched with."""
     return int.from_bytes(hashlib.sha256(repr((seed, key)).encode()).digest()[:8], "little")
+
+
+# Plain decoding needs no cost curve: every tree is a root, so the policy never sizes anything.
+_PLAIN_COST = VerifyCostModel([(1, 1.0), (2, 2.0)])
 
 
 @torch.inference_mode()
@@ -72,60 +70,23 @@ def decode_continuously(runner: TargetRunner, jobs: list[tuple[tuple, list[int]]
     """Decode every (key, prompt ids) job, runner.batch_size at a time, yielding (job index, response)
     as each finishes.
 
-    Continuous batching: a sequence that hits EOS or max_new_tokens leaves at once and the next
-    prompt is prefilled into its cache row, so no row idles while the batch's longest response
-    finishes (fixed batches wasted ~30% of every forward on finished rows). When the prompts run
-    out, the last row moves into the freed one and the batch shrinks.
+    This is the server's continuous batching (`engine.scheduler.Scheduler`, plain drafter): a
+    sequence that hits EOS or max_new_tokens leaves at once and the next prompt is prefilled into
+    its cache row, so no row idles while the batch's longest response finishes (fixed batches wasted
+    ~30% of every forward on finished rows). Sampled jobs get a per-prompt seed.
     """
-    slots: list[_Slot] = []
-    pending = iter(range(len(jobs)))
-
-    def admit(row: int) -> bool:
-        j = next(pending, None)
-        if j is None:
-            return False
-        key, ids = jobs[j]
-        runner.reset(row)
-        runner.prefill(ids[:-1], seq=row)
-        gen = None if params.is_greedy else torch.Generator().manual_seed(_prompt_seed(seed, key))
-        slot = _Slot(j, ids[-1], [], gen)
-        if row == len(slots):
-            slots.append(slot)
-        else:
-            slots[row] = slot
-        return True
-
-    while len(slots) < runner.batch_size and admit(len(slots)):
-        pass
-    model = runner.model
-    while slots:
-        b = len(slots)
-        lengths = torch.tensor(runner.lengths[:b])
-        kv_len = int(lengths.max()) + 1
-        mask = (torch.arange(kv_len).view(1, -1) <= lengths.view(-1, 1)).view(b, 1, 1, kv_len)
-        last = torch.tensor([sl.last for sl in slots])
-        logits, _ = model(last.view(b, 1), lengths.view(b, 1), runner.k[:, :b], runner.v[:, :b], kv_len,
-                          slots=lengths.view(b, 1), mask=mask)
-        probs = warp_probs(logits[:, 0].float(), params)
-        if params.is_greedy:
-            nxt = probs.argmax(-1).tolist()
-        else:
-            nxt = [int(sample(probs[r], sl.gen)) for r, sl in enumerate(slots)]
-        finished = []
-        for r, sl in enumerate(slots):
-            runner.lengths[r] += 1
-            sl.out.append(nxt[r])
-            sl.last = nxt[r]
-            if nxt[r] in eos_ids or len(sl.out) >= max_new_tokens:
-                finished.append(r)
-        for r in reversed(finished):  # highest row first, so moving the last row never moves a finished one
-            yield slots[r].job, slots[r].out
-            if not admit(r):
-                tail = len(slots) - 1
-                if r != tail:
-                    runner.move_seq(tail, r)
-                    slots[r] = slots[tail]
-                slots.pop()
+    sched = Scheduler(runner, eos_ids=eos_ids, budget=1, max_queue=len(jobs), prefill_chunk=512,
+                      policy=ServePolicy(_PLAIN_COST, 1, runner.batch_size, mode="latency"))
+    done: list[tuple[int, list[int]]] = []
+    for j, (key, ids) in enumerate(jobs):
+        p = params if params.is_greedy else replace(params, seed=_prompt_seed(seed, key))
+        sched.submit(EngineRequest(ids, max_new_tokens, p, on_event=lambda ev, j=j: done.append(
+            (j, ev.result.token_ids)) if ev.kind == "done" else None))
+    while sched.waiting or sched.num_running:
+        sched.step()
+        while done:
+            yield done.pop(0)
+    yield from done
 
 
 def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path, max_new_tokens: int = 256,
@@ -166,8 +127,6 @@ def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path,
         order = order[: max(0, limit)]
     order = [i for i in order if (encoded[i][0]["source"], encoded[i][0]["index"], temperature) not in done_keys]
     runner = TargetRunner(lm.model, max_len=max_prompt_tokens + max_new_tokens + 8, batch_size=batch_size)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     columns = [TextColumn("[bold]distill"), BarColumn(), TextColumn("{task.completed}/{task.total} prompts"),
                TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     n_tokens, t0 = 0, time.perf_counter()

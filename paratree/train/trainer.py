@@ -24,22 +24,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..drafters.heads.block import BlockDraftHead, BlockHeadConfig, tokenizer_fingerprint
-from ..drafters.heads import head_class
+from ..drafters.heads.block import BlockDraftHead, tokenizer_fingerprint
 from ..drafters.heads.dspark import expected_calibration_error, fit_temperature
-from ..drafters.heads.eagle import eagle_train_logits
+from ..drafters.heads.training import LOSSES, teacher_forced_tau
+from ..drafters.registry import head_family_of
 from ..models.loader import LoadedModel, auto_dtype, cpu_has_native_bf16, load_model
 from .data import load_sequences
-from .losses import LOSSES, dspark_loss, teacher_forced_tau
 
-
-FAMILIES = ("jetspec", "dflash", "eagle", "dspark")
 
 
 @dataclass
 class TrainConfig:
-    family: str = "jetspec"  # jetspec (block-causal, KL) | dflash (bidirectional, decayed CE) | eagle (AR, TTT)
-    # | dspark (bidirectional backbone + Markov head + confidence head; its own loss mix, `loss` unused)
+    family: str = "jetspec"  # a registered head family (drafters/families/): jetspec (block-causal, KL) |
+    # dflash (bidirectional, decayed CE) | eagle (AR, TTT) | dspark (Markov + confidence heads, own loss mix)
     markov_rank: int = 64  # dspark: rank of the previous-token bias
     target: str | None = None  # model spec; None = the default model
     target_dtype: str = "auto"
@@ -92,8 +89,7 @@ class TrainConfig:
             raise ValueError(f"unknown config keys in {path}: {', '.join(sorted(unknown))}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(**raw)
-        if cfg.family not in FAMILIES:
-            raise ValueError(f"unknown head family '{cfg.family}': choose from {', '.join(FAMILIES)}")
+        head_family_of(cfg.family)  # an unknown family is a one-line error naming the registered ones
         if cfg.loss not in LOSSES:
             raise ValueError(f"unknown loss '{cfg.loss}': {', '.join(LOSSES)}")
         return cfg
@@ -163,56 +159,6 @@ def frequent_tokens(seqs: list[dict], n: int, always: set[int], vocab_size: int)
     return torch.tensor(sorted(list(keep)[:n]), dtype=torch.long)
 
 
-def sample_anchors(n_tokens: int, prompt_len: int, n: int, gen: torch.Generator) -> list[int]:
-    """Anchor positions whose next token exists, from the last prompt token on (the first draft root)."""
-    lo, hi = max(0, prompt_len - 1), n_tokens - 2
-    if hi < lo:
-        return []
-    cand = torch.arange(lo, hi + 1)
-    if cand.numel() > n:
-        cand = cand[torch.randperm(cand.numel(), generator=gen)[:n]].sort().values
-    return cand.tolist()
-
-
-def build_blocks(ids: list[int], anchors: list[int], depth: int, unmask_prob: float, gen: torch.Generator):
-    """Block tokens (A, D) with -1 = MASK, and a (A, D) mask of supervised rows (row i -> depth i+1).
-
-    With unmask_prob, a block gets a real prefix t1..tm (m >= 1) so the causal head
-    learns to condition on a branch; rows 0..m-1 then only feed row m onwards.
-    """
-    a_n = len(anchors)
-    toks = torch.full((a_n, depth), -1, dtype=torch.long)
-    sup = torch.zeros(a_n, depth)
-    t = len(ids)
-    for j, a in enumerate(anchors):
-        toks[j, 0] = ids[a]
-        valid = min(depth, t - 1 - a)
-        m = 0
-        if unmask_prob > 0 and valid > 1 and float(torch.rand((), generator=gen)) < unmask_prob:
-            m = int(torch.randint(1, valid, (), generator=gen))
-            toks[j, 1 : m + 1] = torch.tensor(ids[a + 1 : a + m + 1])
-        sup[j, m:valid] = 1.0
-    return toks, sup
-
-
-def head_hidden(head: BlockDraftHead, taps: torch.Tensor, anchors: list[int], block_tokens: torch.Tensor,
-                embed_w: torch.Tensor) -> torch.Tensor:
-    """Final-normed head states (A, D, H) for all anchors of one sequence in one head pass."""
-    a_n, bs = block_tokens.shape
-    t = taps.shape[0]
-    ctx = head.fuse(taps.unsqueeze(0))
-    kv = head.context_kv(ctx, torch.arange(t, device=taps.device).unsqueeze(0))
-    dev = taps.device
-    anchor_t = torch.tensor(anchors, device=dev)
-    # the state before each root (zero for a root at position 0, which has none)
-    prev = torch.cat([ctx.new_zeros(1, 1, ctx.shape[-1]), ctx], dim=1)[:, anchor_t]
-    x = head.block_embeddings(embed_w.to(ctx.dtype), block_tokens.view(1, -1), prev)
-    pos = (anchor_t.view(-1, 1) + torch.arange(bs, device=dev).view(1, -1)).view(1, -1)
-    ctx_visible = torch.arange(t, device=dev).view(1, -1) < anchor_t.view(-1, 1)
-    mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
-    return head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)
-
-
 # -- the trainer -------------------------------------------------------------------------
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under `output_dir` (None if there is none)."""
@@ -249,17 +195,15 @@ class Trainer:
         self.train_seqs = [seqs[i] for i in order[n_eval:]]
         if not self.train_seqs:
             raise ValueError("no training sequences left after the eval split")
-        hcfg = BlockHeadConfig.for_target(
-            self.lm.config, family=cfg.family, num_taps=cfg.num_taps, num_layers=cfg.num_layers,
-            block_size=cfg.block_size, intermediate_size=cfg.intermediate_size or self.lm.config.intermediate_size, target_name=self.lm.name,
+        self.family = family = head_family_of(cfg.family)
+        hcfg = family.head_config(
+            self.lm.config, cfg, num_taps=cfg.num_taps, num_layers=cfg.num_layers, block_size=cfg.block_size,
+            intermediate_size=cfg.intermediate_size or self.lm.config.intermediate_size, target_name=self.lm.name,
             tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab)
-        hcfg.causal = cfg.family not in ("dflash", "dspark")
-        if cfg.family not in FAMILIES:
-            raise ValueError(f"unknown head family '{cfg.family}': choose from {', '.join(FAMILIES)}")
-        if cfg.family == "dspark":
-            hcfg.extra["markov_rank"] = cfg.markov_rank
-        self.head = head_class(cfg.family)(hcfg)
-        self._conf_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # dspark eval
+        self.head = family.new_head(hcfg)
+        # confidence rows (logit, realised acceptance, supervision) of the last eval, from families with a
+        # confidence head (DSpark): calibrated by temperature scaling at the end of training
+        self._conf_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._init_weights()
         if cfg.draft_vocab:
             if cfg.draft_vocab > self.lm.config.vocab_size:
@@ -298,7 +242,7 @@ class Trainer:
         differ = [k for k, v in json.loads(self.head.cfg.to_json()).items() if saved.get(k) != v]
         if differ:
             raise ValueError(f"init_from head at '{path}' does not match this run's head: {', '.join(differ)} differ")
-        self.head.load_state_dict(head_class(self.cfg.family).load(path, dtype=torch.float32).state_dict())
+        self.head.load_state_dict(self.family.load_head(path, dtype=torch.float32).state_dict())
 
     def _lr_lambda(self, step: int) -> float:
         c = self.cfg
@@ -317,17 +261,8 @@ class Trainer:
 
     def _prepare(self, key: int, seq: dict, unmask_prob: float | None = None):
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + key)
-        d, n = self.head.cfg.depth, len(seq["ids"])
-        if self.cfg.family == "eagle":  # every state t (reads x_{t+1}); step j predicts x_{t+j+1}
-            anchors = list(range(n - 1))
-            t = torch.arange(n - 1).view(-1, 1) + torch.arange(1, d + 1).view(1, -1)
-            valid = (t <= n - 2) & (t >= seq["prompt_len"] - 1)  # a response token exists to predict
-            decay = self.cfg.ttt_decay ** torch.arange(d, dtype=torch.float32)
-            return anchors, None, valid.float() * decay
         p = self.cfg.unmask_prob if unmask_prob is None else unmask_prob
-        anchors = sample_anchors(n, seq["prompt_len"], self.cfg.anchors_per_seq, gen)
-        toks, sup = build_blocks(seq["ids"], anchors, d, p, gen)
-        return anchors, toks, sup
+        return self.family.training_rows(seq, self.head.cfg.depth, self.cfg, gen, p)
 
     def _states(self, seq: dict) -> torch.Tensor:
         key = id(seq)
@@ -339,38 +274,20 @@ class Trainer:
         return self._cache[key]
 
     def _loss_sum(self, seq: dict, anchors, toks, sup):
-        d = self.head.cfg.depth
-        eagle = self.cfg.family == "eagle"
-        # block row i (depth i+1) is the target's prediction at position anchor + i;
-        # eagle's step j at state t by the target at position t + j
-        idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(int(eagle), d + int(eagle)).view(1, -1))
+        d, family = self.head.cfg.depth, self.family
+        # draft row i (depth i+1) is supervised by the target's prediction at anchor + i + offset
+        off = family.target_offset
+        idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(off, d + off).view(1, -1))
         idx = idx.clamp(max=len(seq["ids"]) - 1)
         taps, target = target_features(self.lm, self._states(seq), idx.reshape(-1), self.lm_w)
         target = target.view(*idx.shape, -1)
         sup = sup.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            if eagle:
-                steps = eagle_train_logits(self.head, taps, seq["ids"], self.embed_w, self.lm_w, d)
-                draft = torch.stack(steps, dim=1)  # (T-1, D, V)
-            else:
-                h = head_hidden(self.head, taps, anchors, toks.to(self.device), self.embed_w)
-                if self.cfg.family == "dspark":  # previous chain token, teacher-forced: x_{a+k-1} for depth k
-                    prev = torch.tensor(seq["ids"], device=self.device)[idx]
-                    draft, conf = self.head.sequential(h, lambda x: F.linear(x, self.lm_w.to(x.dtype)), prev)
-                else:
-                    draft = F.linear(h, self.lm_w.to(h.dtype))
-        if self.cfg.family == "dspark":
-            loss, accept = dspark_loss(draft, conf, target, sup)
-            if not self.head.training:
-                self._conf_rows.append((conf.detach().float(), accept, sup))
-            return loss, draft.detach(), target, sup
-        fn = LOSSES[self.cfg.loss]
-        if self.cfg.loss == "kl":
-            loss = fn(draft, target, sup, self.cfg.kl_temperature)
-        elif self.cfg.loss == "ce_decay":
-            loss = fn(draft, target, sup, self.cfg.gamma)
-        else:
-            loss = fn(draft, target, sup)
+            draft, aux = family.draft_logits(self.head, taps, seq, anchors, toks, idx.to(self.device), self.embed_w,
+                                             self.lm_w)
+        loss, conf = family.loss(draft, aux, target, sup, self.cfg)
+        if conf is not None and not self.head.training:
+            self._conf_rows.append((*conf, sup))
         return loss, draft.detach(), target, sup
 
     def train_step(self) -> dict:
@@ -428,13 +345,13 @@ class Trainer:
         return out
 
     def _conf_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """DSpark: confidence logits and realised acceptances of the supervised rows of the last eval."""
+        """Confidence logits and realised acceptances of the supervised rows of the last eval."""
         keep = [sup > 0 for _, _, sup in self._conf_rows]
         return (torch.cat([c[k] for (c, _, _), k in zip(self._conf_rows, keep)]),
                 torch.cat([a[k] for (_, a, _), k in zip(self._conf_rows, keep)]))
 
     def calibrate_confidence(self) -> dict:
-        """Temperature-scale the DSpark confidence on the held-out split; ECE before and after."""
+        """Temperature-scale the confidence head on the held-out split; ECE before and after."""
         self.head.cfg.extra["conf_temperature"] = 1.0
         before = self.evaluate()["eval_ece"]
         t = fit_temperature(*self._conf_logits())
@@ -498,7 +415,7 @@ class Trainer:
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         last.update(self.evaluate())
-        if self.cfg.family == "dspark" and self.eval_seqs:
+        if self._conf_rows:  # a confidence head (DSpark): temperature-scale it on the held-out split
             last["calibration"] = self.calibrate_confidence()
         if log:
             log.write(json.dumps({**last, "final": True}) + "\n")

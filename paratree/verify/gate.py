@@ -27,6 +27,27 @@ def expected_chain_tokens(conf: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(c[..., :1]), 1.0 + torch.cumsum(reach, dim=-1)], dim=-1)
 
 
+def _best_rate(expected: torch.Tensor, lengths: torch.Tensor, cost: VerifyCostModel,
+               draft_seconds: float = 0.0) -> torch.Tensor:
+    """The prefix length n (of `lengths`) maximising E[n] / (draft_seconds + T(n + 1)); first on ties."""
+    t = cost.seconds(lengths + 1).to(torch.float64) + draft_seconds
+    return lengths[torch.argmax(expected / t.clamp_min(1e-12), dim=-1)]
+
+
+def admit_next(expected: float, survival: float, conf: float, k: int, max_len: int,
+               cost: VerifyCostModel | None, threshold: float) -> bool:
+    """The same gate, decided one position at a time (a sequential drafter, e.g. DSpark's Markov chain):
+    verify position k (1-based)? `expected` = 1 + S_1 + ... + S_{k-1}, `survival` = S_k, and `conf`
+    (the confidence of position k, known before x_k is drawn) extrapolates the positions after k
+    geometrically. Threshold mode: S_k >= threshold."""
+    if cost is None:
+        return survival >= threshold
+    n = torch.arange(k - 1, max_len + 1)  # candidate prefix lengths
+    c = min(max(conf, 0.0), 1.0 - 1e-9)
+    gain = survival * (1 - c ** (n - (k - 1)).double()) / (1 - c)  # S_k, S_k c, S_k c^2, ... summed
+    return int(_best_rate(expected + gain, n, cost)) >= k
+
+
 def prefix_length_from_confidence(
     conf: torch.Tensor,
     cost: VerifyCostModel | None = None,
@@ -40,8 +61,6 @@ def prefix_length_from_confidence(
     product of confidences stays >= threshold.
     """
     if cost is not None:
-        e = expected_chain_tokens(conf)
-        t = cost.seconds(torch.arange(1, conf.shape[-1] + 2)) + draft_seconds
-        return torch.argmax(e / t.clamp_min(1e-12), dim=-1)
+        return _best_rate(expected_chain_tokens(conf), torch.arange(conf.shape[-1] + 1), cost, draft_seconds)
     reach = torch.cumprod(conf.double(), dim=-1)
     return (torch.cumprod((reach >= threshold).long(), dim=-1)).sum(-1)

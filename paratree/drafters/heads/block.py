@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...models.config import ModelConfig
+from ...models.config import CheckpointError, ModelConfig
 from ...models.transformer import MLP, RMSNorm, rotate_half
 
 
@@ -133,8 +133,7 @@ class HeadLayer(nn.Module):
         self.attn_norm = RMSNorm(cfg.target_hidden, cfg.rms_eps)
         self.attn = HeadAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.target_hidden, cfg.rms_eps)
-        mcfg = type("C", (), {"hidden_size": cfg.target_hidden, "intermediate_size": cfg.intermediate_size})
-        self.mlp = MLP(mcfg)
+        self.mlp = MLP(cfg.target_hidden, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
         x = x + self.attn(self.attn_norm(x), cos, sin, ctx_k, ctx_v, mask)
@@ -245,18 +244,33 @@ class BlockDraftHead(nn.Module):
     @staticmethod
     def read_config(path: str | Path) -> BlockHeadConfig:
         p = Path(path)
-        if not (p / "head_config.json").is_file():
+        f = p / "head_config.json"
+        if not f.is_file():
             raise ValueError(f"no draft head at '{path}' (expected head_config.json + head.safetensors)")
-        return BlockHeadConfig.from_json((p / "head_config.json").read_text())
+        try:
+            cfg = BlockHeadConfig.from_json(f.read_text())
+        except (ValueError, TypeError, KeyError) as e:  # bad JSON, missing or unknown fields
+            raise CheckpointError(f"{f} is not a head config: {e}") from None
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BlockDraftHead":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         p = Path(path)
         head = cls(cls.read_config(p))
-        head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                              for k, v in load_file(str(p / "head.safetensors")).items()})
+        f = p / "head.safetensors"
+        if not f.is_file():
+            raise CheckpointError(f"no head weights {f}")
+        try:
+            sd = load_file(str(f))
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read head weights {f} (corrupt or truncated safetensors?): {e}") from None
+        try:
+            head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            raise CheckpointError(f"head weights {f} do not fit {p / 'head_config.json'}: {str(e)[:300]}") from None
         return head.to(dtype)
 
     def check_target(self, tcfg: ModelConfig, tokenizer=None) -> None:

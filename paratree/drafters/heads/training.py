@@ -1,4 +1,6 @@
-"""Draft-head losses. All take draft logits and target logits of shape (N, D, V) and a (N, D) row mask.
+"""The training side of draft heads: anchors and mask blocks, the block-head forward at anchors, losses.
+
+Losses take draft logits and target logits of shape (N, D, V) and a (N, D) row mask.
 
 JetSpec: temperature-scaled forward KL to the target's full next-token
 distribution at every block position (no position decay needed: the causal
@@ -13,6 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .block import BlockDraftHead
 
 
 def forward_kl(draft: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0):
@@ -68,3 +72,53 @@ def dspark_loss(draft: torch.Tensor, conf_logit: torch.Tensor, target: torch.Ten
     accept = (1.0 - tv).detach().clamp(0.0, 1.0)
     bce = F.binary_cross_entropy_with_logits(conf_logit.float(), accept, reduction="none")
     return ((ce_weight * ce + tv_weight * tv + bce) * mask).sum(), accept
+
+
+def sample_anchors(n_tokens: int, prompt_len: int, n: int, gen: torch.Generator) -> list[int]:
+    """Anchor positions whose next token exists, from the last prompt token on (the first draft root)."""
+    lo, hi = max(0, prompt_len - 1), n_tokens - 2
+    if hi < lo:
+        return []
+    cand = torch.arange(lo, hi + 1)
+    if cand.numel() > n:
+        cand = cand[torch.randperm(cand.numel(), generator=gen)[:n]].sort().values
+    return cand.tolist()
+
+
+def build_blocks(ids: list[int], anchors: list[int], depth: int, unmask_prob: float, gen: torch.Generator):
+    """Block tokens (A, D) with -1 = MASK, and a (A, D) mask of supervised rows (row i -> depth i+1).
+
+    With unmask_prob, a block gets a real prefix t1..tm (m >= 1) so the causal head
+    learns to condition on a branch; rows 0..m-1 then only feed row m onwards.
+    """
+    a_n = len(anchors)
+    toks = torch.full((a_n, depth), -1, dtype=torch.long)
+    sup = torch.zeros(a_n, depth)
+    t = len(ids)
+    for j, a in enumerate(anchors):
+        toks[j, 0] = ids[a]
+        valid = min(depth, t - 1 - a)
+        m = 0
+        if unmask_prob > 0 and valid > 1 and float(torch.rand((), generator=gen)) < unmask_prob:
+            m = int(torch.randint(1, valid, (), generator=gen))
+            toks[j, 1 : m + 1] = torch.tensor(ids[a + 1 : a + m + 1])
+        sup[j, m:valid] = 1.0
+    return toks, sup
+
+
+def head_hidden(head: BlockDraftHead, taps: torch.Tensor, anchors: list[int], block_tokens: torch.Tensor,
+                embed_w: torch.Tensor) -> torch.Tensor:
+    """Final-normed head states (A, D, H) for all anchors of one sequence in one head pass."""
+    a_n, bs = block_tokens.shape
+    t = taps.shape[0]
+    ctx = head.fuse(taps.unsqueeze(0))
+    kv = head.context_kv(ctx, torch.arange(t, device=taps.device).unsqueeze(0))
+    dev = taps.device
+    anchor_t = torch.tensor(anchors, device=dev)
+    # the state before each root (zero for a root at position 0, which has none)
+    prev = torch.cat([ctx.new_zeros(1, 1, ctx.shape[-1]), ctx], dim=1)[:, anchor_t]
+    x = head.block_embeddings(embed_w.to(ctx.dtype), block_tokens.view(1, -1), prev)
+    pos = (anchor_t.view(-1, 1) + torch.arange(bs, device=dev).view(1, -1)).view(1, -1)
+    ctx_visible = torch.arange(t, device=dev).view(1, -1) < anchor_t.view(-1, 1)
+    mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
+    return head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from pathlib import Path
@@ -10,12 +9,12 @@ from pathlib import Path
 import torch
 
 from ..drafters import make_drafter
+from ..drafters.registry import drafter_spec, fork
+from ..engine.costs import CostService
 from ..engine.pipeline import encode_prompt
-from ..engine.scheduler import Scheduler, ServePolicy, cost_model_key, load_or_measure_cost
-from ..models.loader import LoadedModel, cache_dir, load_model
+from ..engine.scheduler import Scheduler, ServePolicy
+from ..models.loader import LoadedModel, load_model
 from ..models.runner import TargetRunner
-from ..models.transformer import linear_kernels
-from ..tree.cost import VerifyCostModel
 
 
 class ServeEngine:
@@ -32,13 +31,12 @@ class ServeEngine:
         opts = dict(drafter_options or {})
         if drafter == "draft-model":  # its own KV cache per sequence, as long as the target's
             opts["max_len"] = int(max_model_len) + 1
+        costs = CostService(lm, calibrate_if_missing=False)
         # unknown names, missing heads or draft models, tokenizer mismatches fail here, at startup
-        proto = make_drafter(drafter, lm, **opts)
-        if drafter in ("plain", "ngram", "ngram-chain", "draft-model"):
-            # a fresh drafter per sequence (the draft model's weights are loaded once and shared)
-            factory = lambda: make_drafter(drafter, lm, **opts)  # noqa: E731
-        else:  # trained heads: share the loaded weights; per-sequence state is (re)set by begin()
-            factory = lambda: copy.copy(proto)  # noqa: E731
+        proto = make_drafter(drafter, lm, cost=costs.verify_curve(), **opts)
+        # each sequence gets its own drafter as its family declares: a copy sharing the loaded weights, or fresh
+        factory = fork(drafter_spec(drafter), proto,
+                       lambda: make_drafter(drafter, lm, cost=costs.verify_curve(), **opts))
         self.max_model_len = min(int(max_model_len), lm.config.max_position)
         if self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
@@ -50,7 +48,7 @@ class ServeEngine:
         runner.k.fill_(0)
         runner.v.fill_(0)
         t0 = time.perf_counter()
-        cost, self.cost_source = self._cost_model(lm, runner, cost_model, budget, max_batch)
+        cost, self.cost_source = costs.batched_curve(runner, cost_model, budget, max_batch)
         self.cost_seconds = time.perf_counter() - t0
         self.policy = ServePolicy(cost, budget, max_batch, mode=policy)
         self._tok_lock = threading.Lock()
@@ -59,30 +57,6 @@ class ServeEngine:
             budget=budget, policy=self.policy, max_queue=max_queue, prefill_chunk=prefill_chunk,
             max_model_len=self.max_model_len,
         )
-
-    @staticmethod
-    def _cost_model(lm, runner, path, budget, max_batch) -> tuple[VerifyCostModel, str]:
-        """The verify cost curve T(nodes in one forward), first found of:
-        1. the --cost-model file (measured and written there if it does not exist yet);
-        2. the batched curve stored by an earlier start for this model/dtype/machine/batch size;
-        3. the `paratree calibrate` profile of this model/dtype/machine (single-row trees, many sizes);
-        4. a quick batched measurement now (6 sizes, 2 timed sweeps), stored for the next start."""
-        sizes = tuple(sorted({1, 4, 16, 64, min(128, budget * max_batch), min(256, budget * max_batch)}))
-        if path is None:
-            # keyed by the linear kernels too: a gguf model's int4 curve is not its bf16 twin's
-            dtype = f"{next(lm.model.parameters()).dtype}-{linear_kernels(lm.model)[0]}"
-            path = cache_dir() / "serve" / f"verify-cost-{cost_model_key(str(lm.path), dtype, max_batch)}.json"
-            if not path.is_file():
-                try:
-                    from ..engine.sizing import load_profile, profile_cost, profile_path
-
-                    prof = load_profile(profile_path(lm))
-                    if prof is not None:
-                        return profile_cost(prof), f"calibration profile {prof['path']}"
-                except Exception:  # no usable profile: measure below
-                    pass
-        cost, measured = load_or_measure_cost(runner, path, sizes=sizes, repeats=2)
-        return cost, f"{'measured now, stored in' if measured else 'loaded from'} {path}"
 
     @classmethod
     def load(cls, model: str | None = None, dtype: str = "auto", **kw) -> "ServeEngine":

@@ -1,4 +1,6 @@
-"""Benchmark and training prompt sets, from vendored files or installed packages (never the network)."""
+"""Prompt sets for benchmarks and training, from vendored files or installed packages (never the network).
+
+The bottom layer: bench, train and engine calibration all read prompts here."""
 
 from __future__ import annotations
 
@@ -7,12 +9,12 @@ import importlib.util
 import json
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parent  # the vendored files sit next to this module
 PROMPT_FIELDS = ("prompt", "question", "problem", "instruction", "turns")
 EVAL_SETS = ("gsm8k", "humaneval", "mt_bench")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -49,11 +51,11 @@ def humaneval_path() -> Path:
 def load_prompts(name: str, limit: int | None = None) -> list[str]:
     """Prompts of a named eval set (gsm8k, humaneval, mt_bench) or of a jsonl file."""
     if name == "gsm8k":
-        rows, field = _read_jsonl(DATA / "gsm8k" / "test.jsonl"), "question"
+        rows, field = read_jsonl(DATA / "gsm8k" / "test.jsonl"), "question"
     elif name == "mt_bench":
-        rows, field = _read_jsonl(DATA / "mt_bench" / "question.jsonl"), "turns"
+        rows, field = read_jsonl(DATA / "mt_bench" / "question.jsonl"), "turns"
     elif name == "humaneval":
-        rows = _read_jsonl(humaneval_path())
+        rows = read_jsonl(humaneval_path())
         prompts = [f"Complete the following Python function.\n\n```python\n{r['prompt']}```" for r in rows]
         return prompts[:limit] if limit else prompts
     else:
@@ -61,7 +63,7 @@ def load_prompts(name: str, limit: int | None = None) -> list[str]:
         if not path.is_file():
             raise ValueError(f"unknown dataset '{name}': use {', '.join(EVAL_SETS)} or a .jsonl file")
         try:
-            rows = _read_jsonl(path)
+            rows = read_jsonl(path)
         except json.JSONDecodeError as e:
             raise ValueError(f"{name}: not valid JSON lines ({e})") from None
         field = detect_field(rows, name)
