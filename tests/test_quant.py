@@ -98,6 +98,12 @@ def test_default_model_runs_its_own_q4_codes(default_ckpt):
     a = _own_greedy(TargetRunner(lm.model, max_len=128), prompt, 24)
     b = _own_greedy(TargetRunner(dense.model, max_len=128), prompt, 24)
     assert a == b
+    # the bench's HF peers: 4-bit codes have no weight to view, so the twin is the checkpoint itself
+    from paratree.models.loader import hf_twin
+    from paratree.models.transformer import hf_state_dict
+
+    assert hf_state_dict(lm.model) is None
+    assert type(hf_twin(lm)).__name__ == "LlamaForCausalLM"
 
 
 def test_codes_that_do_not_reproduce_the_model_are_refused(default_ckpt):

@@ -510,14 +510,14 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor] | None:
     """The model's weights under Hugging Face names, as views of its own tensors (no copy).
 
     Lets the benchmark's HF peers run on the very same memory, so a 1.5B target and its
-    HF twin do not need two copies. None if a Linear keeps only a packed layout (bf16),
-    which has no plain weight to view.
+    HF twin do not need two copies. None if a Linear keeps only a packed layout (bf16) or
+    4-bit codes (`--dtype gguf`), which have no plain weight to view.
     """
     sd: dict[str, torch.Tensor] = {}
     for own, names, rows in hf_layout(model.cfg):
         mod_name, _, attr = own.rpartition(".")
         mod = model.get_submodule(mod_name)
-        t = mod.plain if isinstance(mod, PackedLinear) and attr == "weight" else getattr(mod, attr)
+        t = mod.plain if isinstance(mod, PackedLinear) and attr == "weight" else getattr(mod, attr, None)
         if t is None:
             return None
         sd.update(zip(names, t.split(rows)))
