@@ -11,6 +11,9 @@ import statistics
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM
 
 from ..engine.pipeline import Pipeline
 from ..models.loader import load_model
@@ -31,17 +34,12 @@ def measure_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
 
 
 def _hf_model(path, dtype):
-    from transformers import AutoModelForCausalLM
-
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return m.eval()
 
 
 def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats: int, prompt: str,
                     compile: bool = False, exact: bool = False) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     lm = load_model(model, dtype, compile=compile, exact=exact)
     pipe = Pipeline(lm, drafter="plain")

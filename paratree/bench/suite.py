@@ -29,6 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import GenerationConfig
+from transformers.utils import logging as hf_logging
 
 from ..data import load_prompts
 from ..drafters import drafters, head_family, make_drafter
@@ -284,9 +290,6 @@ class _Runs:
 
 class Bench:
     def __init__(self, cfg: BenchConfig, console=None):
-        from rich.console import Console
-
-
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         cfg.dtype = dtype_name(cfg.dtype, cfg.model)
@@ -307,7 +310,6 @@ class Bench:
 
     # shared target runner, grown when a longer prompt shows up
     def runner(self, need: int):
-
         cap = self.lm.config.max_position
         if self._runner is None or need > self._runner_len:
             self._runner = None
@@ -318,8 +320,6 @@ class Bench:
     def hf_model(self):
         """HF transformers on the same weights (shared memory: a 1.5B target and its twin fit together)."""
         if self._hf is None:
-            from transformers.utils import logging as hf_logging
-
 
             hf_logging.set_verbosity_error()
             self._hf = hf_twin(self.lm)
@@ -333,7 +333,6 @@ class Bench:
         return self._assistant
 
     def make_generator(self, spec: MethodSpec, need: int):
-
         runner = self.runner(need)
         drafter = build_drafter(spec.drafter, self.lm, self.cfg.heads, self.cfg.assistant, self.costs.verify_curve())
         sizer, budget = None, spec.budget
@@ -343,7 +342,6 @@ class Bench:
         return Generator(runner, drafter, eos_ids=self.lm.eos_ids, budget=int(budget), sizer=sizer)
 
     def params(self, i: int):
-
         return SamplingParams(temperature=self.cfg.temperature, seed=self.cfg.seed + i)
 
     def run_paratree(self, gen, ids: list[int], i: int, counter: ForwardCounter, max_new: int | None = None):
@@ -368,8 +366,6 @@ class Bench:
         return new, time.perf_counter() - t, 0, None
 
     def run_hf(self, spec: MethodSpec, ids: list[int], i: int, counter: ForwardCounter, max_new: int | None = None):
-        from transformers import GenerationConfig
-
         model = self.hf_model()
         tok = self.lm.tokenizer
         eos = sorted(self.lm.eos_ids)
@@ -478,9 +474,6 @@ def _fmt(v, spec="{:.2f}", none="–"):
 
 
 def print_table(rows: list[dict], console=None, title: str = "paratree bench") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     t = Table(title=title)
     for c, j in (("dataset", "left"), ("method", "left"), ("τ (+bonus)", "right"), ("tok/fwd", "right"),
@@ -500,9 +493,6 @@ def print_table(rows: list[dict], console=None, title: str = "paratree bench") -
 
 
 def environment(cfg: BenchConfig, lm) -> dict:
-    import transformers
-
-
     return {
         "model": lm.name, "model_path": str(lm.path), "dtype": cfg.dtype, "cpu": cpu_signature(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -525,8 +515,6 @@ def probe_drafters(specs: list[MethodSpec], lm, notes: list[str], heads=None, as
 
 
 def _out_console():
-    from rich.console import Console
-
     c = Console()
     return c if c.is_terminal else Console(width=220)
 
@@ -583,10 +571,6 @@ def _rows_for(result, bench, cfg, lm, ds: str, specs, live: dict, n_prompts: int
 # -- the driver -------------------------------------------------------------------------------
 def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     """Run every method on every dataset; write --json / --report even when interrupted (Ctrl-C)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
 
     cfg = cfg.resolved()
     console = console or Console(stderr=True)

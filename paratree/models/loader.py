@@ -19,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from .compiled import CompiledDecoder
 from .config import SUPPORTED_ARCHS, CheckpointError, ModelConfig, UnsupportedModelError
 from .quant import load_int4_linears, source_gguf
-from .compiled import CompiledDecoder
 from .transformer import Transformer, hf_state_dict, load_hf_state_dict, pack_for_cpu
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -193,7 +197,6 @@ def _convert_gguf(gguf: Path) -> Path:
     out = cache_dir() / "models" / _file_sha256(gguf)[:16]
     if (out / "config.json").is_file():
         return out
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -242,9 +245,6 @@ def read_config(ckpt: Path) -> ModelConfig:
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     sd: dict[str, torch.Tensor] = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         try:
@@ -339,8 +339,6 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
     `compile`: single-sequence verify runs through TorchInductor (`models/compiled.py`), calling
     the same packed linears. `exact` (gguf only, eager): row-invariant attention too, so tree verify,
     batched verify and chunked prefill equal plain decoding bit for bit (~1.2x a plain step today)."""
-    from transformers import AutoTokenizer
-
     dtype = dtype_name(dtype, spec)
     dt = parse_dtype(dtype)
     name, ckpt = checkpoint_dir(spec)
@@ -394,9 +392,6 @@ def hf_twin(lm: LoadedModel):
     Falls back to a fresh `from_pretrained` when the weights cannot be viewed (bf16 packed-only
     linears). Either way it is the same checkpoint, in the same dtype.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     dtype = lm.model.embed.weight.dtype
     sd = hf_state_dict(lm.model)
     if sd is None:

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 GROUP = 32
@@ -41,9 +45,6 @@ def int4_groups(raw: np.ndarray, type_name: str) -> tuple[torch.Tensor, torch.Te
     """(codes uint8 (N, K) in 0..15, scale fp32 (N, K/32), base fp32 (N, K/32)) of one GGUF tensor,
     stored as `raw` (N, bytes per row), such that weight = scale * code + base exactly as gguf-py
     de-quantises it."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize
-
     qt = GGMLQuantizationType[type_name]
     _, type_size = GGML_QUANT_SIZES[qt]
     blocks = raw.reshape(raw.shape[0], -1, type_size)
@@ -147,7 +148,6 @@ def load_int4_linears(model: nn.Module, gguf: Path, reference: dict[str, torch.T
     Returns counts {"int4": n, "dense": m}."""
     if cache is not None and cache.is_file():
         return _load_packed(model, cache)
-    from gguf import GGUFReader
 
     tensors = {t.name: t for t in GGUFReader(gguf).tensors}
     counts = {"int4": 0, "dense": 0}
@@ -180,8 +180,6 @@ def load_int4_linears(model: nn.Module, gguf: Path, reference: dict[str, torch.T
 
 
 def _save_packed(model: nn.Module, path: Path, counts: dict[str, int]) -> None:
-    from safetensors.torch import save_file
-
     out = {}
     for name, m in model.layers.named_modules():
         if isinstance(m, Int4Linear):
@@ -193,8 +191,6 @@ def _save_packed(model: nn.Module, path: Path, counts: dict[str, int]) -> None:
 
 
 def _load_packed(model: nn.Module, path: Path) -> dict[str, int]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         counts = {k: int(v) for k, v in f.metadata().items()}
         names = {k.rpartition(".")[0] for k in f.keys()}

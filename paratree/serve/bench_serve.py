@@ -23,12 +23,15 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 from ..data import load_prompts
 
@@ -228,8 +231,6 @@ def run(args) -> dict:
 
 
 def markdown(res: dict, command: str) -> str:
-    import torch
-
     levels = res["levels"]
     modes = list(res["modes"])
     lines = ["## Serving", "",
@@ -319,8 +320,6 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace, command: str) -> int:
-    import signal
-
     for m in args.modes.split(","):
         if m not in MODES:
             raise ValueError(f"unknown mode {m}: choose from {', '.join(MODES)}")

@@ -6,13 +6,14 @@ import os
 import socket
 import sys
 
+import torch
+
 from .backend import ServeEngine
 
 
 def serve(model: str | None = None, dtype: str = "auto", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_body_bytes: int = 1 << 20, log_level: str = "warning",
           threads: int | None = None, **engine_kw) -> int:
-    import torch
     import uvicorn
 
     if threads:

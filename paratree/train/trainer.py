@@ -14,15 +14,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..drafters.heads.block import BlockDraftHead, tokenizer_fingerprint
 from ..drafters.heads.dspark import expected_calibration_error, fit_temperature
@@ -30,7 +34,6 @@ from ..drafters.heads.training import LOSSES, teacher_forced_tau
 from ..drafters.registry import head_family_of
 from ..models.loader import LoadedModel, auto_dtype, cpu_has_native_bf16, load_model
 from .data import load_sequences
-
 
 
 @dataclass
@@ -78,8 +81,6 @@ class TrainConfig:
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
             raw = yaml.safe_load(text) or {}
         else:
             raw = json.loads(text)
@@ -96,8 +97,6 @@ class TrainConfig:
 
 
 def machine_description() -> str:
-    import platform
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -147,8 +146,6 @@ def target_features(lm: LoadedModel, states: torch.Tensor, rows: torch.Tensor, l
 def frequent_tokens(seqs: list[dict], n: int, always: set[int], vocab_size: int) -> torch.Tensor:
     """`always` plus the most frequent response tokens (ties by id: identical on every rank), n in all;
     if the data has fewer distinct tokens, the lowest unused ids fill the rest."""
-    from collections import Counter
-
     counts = Counter(t for s in seqs for t in s["ids"][s["prompt_len"]:])
     ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     keep = dict.fromkeys([*sorted(always), *ranked])
@@ -391,8 +388,6 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
         cols = [TextColumn(f"[bold]train {self.cfg.family}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ...models.config import CheckpointError, ModelConfig
@@ -230,8 +232,6 @@ class BlockDraftHead(nn.Module):
 
     # -- save / load -------------------------------------------------------------------
     def save(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, extra_files: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -255,9 +255,6 @@ class BlockDraftHead(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "BlockDraftHead":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         p = Path(path)
         head = cls(cls.read_config(p))
         f = p / "head.safetensors"
