@@ -512,3 +512,38 @@ def test_llama_cpp_peer_runs_the_same_gguf_in_the_bench_process(tmp_path):
         assert r["kind"] == "llama.cpp" and r["tokens_per_forward"] is None and r["tau"] is None
         assert 2 <= r["new_tokens"] <= 32 and r["tokens_per_s"] > 0 and r["greedy_mismatches"] is not None
     assert len(json.loads((tmp_path / "b.json").read_text())) == 3
+
+
+def test_auto_sizer_asks_for_about_what_it_keeps(tiny, cache):
+    """The drafter is asked for 2x the largest tree kept lately (at least 8 nodes), not the curve's
+    256: a best-first drafter's small tree is the top of its large one, and drafting 129 nodes to
+    keep 5 cost more than the verify saved. What is verified is still a prefix of what was drafted."""
+    from paratree.drafters import NGramDrafter, NoDrafter
+    from paratree.engine.generate import Generator
+    from paratree.engine.sizing import AutoSizer
+    from paratree.models.loader import load_model
+    from paratree.models.runner import TargetRunner
+
+    sizer = AutoSizer(VerifyCostModel([(1, 1e-3), (8, 1.2e-3), (256, 0.2)]))
+    assert sizer.propose_budget(256) == 32 and sizer.propose_budget(12) == 12  # nothing kept yet
+    sizer.kept_nodes += [3, 5, 2]
+    assert sizer.propose_budget(256) == 10 and sizer.propose_budget(6) == 6
+    sizer.kept_nodes += [1] * 8  # the last 8 rounds kept roots only
+    assert sizer.propose_budget(256) == 8
+
+    class Recording(NGramDrafter):
+        asked: list[int] = []
+
+        def propose(self, tokens, budget):
+            Recording.asked.append(budget)
+            return super().propose(tokens, budget)
+
+    lm = load_model(tiny, "fp32")
+    ids = [5, 6, 7, 8] * 6
+    runner = TargetRunner(lm.model, max_len=400)
+    plain = Generator(runner, NoDrafter()).generate(ids, 64)
+    sizer = AutoSizer(VerifyCostModel([(1, 1e-3), (8, 1.2e-3), (256, 0.2)]))
+    sizer.gate = None  # every round drafts
+    res = Generator(runner, Recording(), budget=256, sizer=sizer).generate(ids, 64)
+    assert res.token_ids == plain.token_ids
+    assert Recording.asked[0] == 32 and max(Recording.asked[1:]) <= max(8, 2 * max(sizer.kept_nodes))

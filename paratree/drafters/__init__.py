@@ -22,9 +22,6 @@ def drafters() -> tuple[str, ...]:
     return drafter_names()
 
 
-DRAFTERS = drafter_names()  # the built-in names, for argparse help and docs
-
-
 def default_drafter(model_name: str) -> str:
     """The best drafter this model has, by measurement: the recorded one, else its shipped JetSpec
     head, else prompt lookup (training-free)."""
@@ -52,5 +49,5 @@ def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 
 
 
 __all__ = ["Drafter", "NoDrafter", "NGramDrafter", "DrafterSpec", "HeadFamily", "make_drafter", "default_drafter",
-           "drafter_for_head", "head_family", "drafters", "DRAFTERS", "family_names", "register_drafter",
+           "drafter_for_head", "head_family", "drafters", "family_names", "register_drafter",
            "register_family"]
