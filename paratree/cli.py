@@ -240,6 +240,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_head
+    from .models.loader import load_model
+
+    lm = load_model(args.model, "fp32", tokenizer=False) if args.model else None
+    out = export_head(args.head_dir, args.format, args.out, lm=lm, mask_token_id=args.mask_token_id)
+    print(f"wrote {args.format} checkpoint to {out}")
+    return 0
+
+
 def cmd_card(args) -> int:
     from .train.card import write_model_card
 
@@ -403,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--methods", default=None, help="only these drafters' rows (comma-separated names)")
     mc.add_argument("--notes", default=None)
     mc.set_defaults(func=cmd_card)
+
+    ex = sub.add_parser("export", help="write a trained head in another engine's checkpoint format")
+    ex.add_argument("head_dir")
+    ex.add_argument("--format", required=True, choices=("dspark", "dflash", "eagle3"))
+    ex.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
+    ex.add_argument("--model", default=None, help="the head's target (default: the packaged model it names)")
+    ex.add_argument("--mask-token-id", type=int, default=None,
+                    help="token whose draft embedding row carries the learned mask embedding (default: the last id)")
+    ex.set_defaults(func=cmd_export)
 
     c = sub.add_parser("calibrate", help="measure verify latency vs tree size; store the profile for --budget auto")
     c.add_argument("--model", default=None, help="packaged name, HF checkpoint dir or .gguf file")

@@ -1,7 +1,7 @@
 """The package's import graph runs one way: tree at the bottom, cli at the top, no cycles.
 
 Layers (a module may import its own layer's siblings in its own package, and any lower layer):
-    data, tree  <  models, verify  <  drafters  <  engine  <  bench, serve, train  <  cli
+    data, tree  <  models, verify  <  drafters  <  engine  <  bench, serve, train, export  <  cli
 Function-local imports count too: hiding an upward import in a function body is still one.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "paratree"
 LAYERS = {"data": 0, "tree": 0, "models": 1, "verify": 1, "drafters": 2, "engine": 3,
-          "bench": 4, "serve": 4, "train": 4, "cli": 5, "__main__": 6}
+          "bench": 4, "serve": 4, "train": 4, "export": 4, "cli": 5, "__main__": 6}
 
 
 def _module(path: Path, base: Path) -> str:

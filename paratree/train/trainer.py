@@ -50,6 +50,8 @@ class TrainConfig:
     block_size: int = 16
     num_taps: int = 3
     draft_vocab: int = 0  # > 0: predict over the N most frequent response tokens only (EAGLE-3's d2t)
+    tap_norm: bool = True  # block heads: RMS-normalise each tap before fc (False: exportable as DFlash/DSpark)
+    root_in: bool = True  # block heads: root row mixes its embedding with the state before it (False: exportable)
     loss: str = "kl"
     kl_temperature: float = 1.0
     gamma: float = 7.0
@@ -196,7 +198,8 @@ class Trainer:
         hcfg = family.head_config(
             self.lm.config, cfg, num_taps=cfg.num_taps, num_layers=cfg.num_layers, block_size=cfg.block_size,
             intermediate_size=cfg.intermediate_size or self.lm.config.intermediate_size, target_name=self.lm.name,
-            tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab)
+            tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab,
+            tap_norm=cfg.tap_norm, root_in=cfg.root_in)
         self.head = family.new_head(hcfg)
         # confidence rows (logit, realised acceptance, supervision) of the last eval, from families with a
         # confidence head (DSpark): calibrated by temperature scaling at the end of training

@@ -12,6 +12,11 @@ class Eagle(HeadFamily):
     name, causal, drafter, head_class = "eagle", True, "eagle", EagleHead
     target_offset = 1  # state t reads x_{t+1}; step j predicts the target's distribution at t + j
 
+    def head_config(self, tcfg, train_cfg, **kw):
+        if not kw.get("root_in", True):
+            raise ValueError("an eagle head's step input is its root projection: root_in must stay true")
+        return super().head_config(tcfg, train_cfg, **kw)
+
     def training_rows(self, seq, depth, cfg, gen, unmask_prob):
         n = len(seq["ids"])
         t = torch.arange(n - 1).view(-1, 1) + torch.arange(1, depth + 1).view(1, -1)

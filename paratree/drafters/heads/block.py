@@ -60,6 +60,11 @@ class BlockHeadConfig:
     # stored as the `d2t` buffer (draft index -> target id). The LM-head product, the largest
     # cost of both training and drafting, shrinks by vocab_size / draft_vocab.
     draft_vocab: int = 0
+    # Architecture switches (defaults: the shipped heads). False/False is the function the DFlash/DSpark
+    # checkpoint formats can express (docs/export_formats_notes.md §5): raw taps into `fc`, and a root
+    # row that is its token's embedding (the context K/V already carry the state before it).
+    tap_norm: bool = True  # RMS-normalise each tap before `fc`
+    root_in: bool = True  # root row = Linear([norm(emb(root)); fused state before it])
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -150,7 +155,8 @@ class BlockDraftHead(nn.Module):
         self.fc = nn.Linear(len(cfg.tap_layers) * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, cfg.rms_eps)
         self.mask_emb = nn.Parameter(torch.zeros(h))
-        self.root_in = nn.Linear(2 * h, h, bias=False)  # root row: [norm(emb(root)); state before it] -> H
+        # root row: [norm(emb(root)); state before it] -> H, or the root's embedding alone
+        self.root_in = nn.Linear(2 * h, h, bias=False) if cfg.root_in else None
         self.layers = nn.ModuleList(HeadLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(h, cfg.rms_eps)
         if cfg.draft_vocab:
@@ -184,6 +190,8 @@ class BlockDraftHead(nn.Module):
         layers and carry massive activations (SmolLM2's BOS row reaches 2.5e4 at layer 14),
         which would otherwise drown the other taps in the fused sum.
         """
+        if not self.cfg.tap_norm:
+            return self.hidden_norm(self.fc(taps))
         h = self.cfg.target_hidden
         parts = taps.unflatten(-1, (-1, h))
         parts = parts * torch.rsqrt(parts.float().pow(2).mean(-1, keepdim=True) + self.cfg.rms_eps).to(parts.dtype)
@@ -205,6 +213,8 @@ class BlockDraftHead(nn.Module):
         is_mask = block_tokens < 0
         x = F.embedding(block_tokens.clamp_min(0), embed_w)
         x = torch.where(is_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        if self.root_in is None:
+            return x
         n = 1 if root_feat is None else root_feat.shape[1]
         rows = x.view(b, n, t // n, h)
         feat = rows.new_zeros(b, n, 1, h) if root_feat is None else root_feat.to(x.dtype).unsqueeze(2)

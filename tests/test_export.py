@@ -1,0 +1,137 @@
+"""`paratree export`: a head written in another engine's checkpoint format is the same function.
+The exported tensors, run through the format's reference forward (tests/format_reference.py, written
+from the format's definition), give paratree's own head's logits and confidences on real taps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from format_reference import dspark_block
+from paratree.drafters.heads.block import BlockHeadConfig
+from paratree.drafters.heads.dspark import DSparkHead
+from paratree.export import export_head
+from paratree.export.dspark import dspark_config, dspark_tensors
+from paratree.models.loader import load_model
+from paratree.models.runner import TargetRunner
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_ckpts):
+    return load_model(str(tiny_ckpts["llama"]), "fp64", tokenizer=False)
+
+
+def _dspark_head(tcfg, seed=0, **kw) -> DSparkHead:
+    """A DSpark head with random weights (every tensor non-trivial), exportable unless kw says otherwise."""
+    base = dict(family="dspark", num_taps=2, num_layers=2, block_size=5, causal=False, tap_norm=False,
+                root_in=False, draft_vocab=40, target_name="tiny")
+    base.update(kw)
+    cfg = BlockHeadConfig.for_target(tcfg, **base)
+    cfg.extra.update(markov_rank=6, conf_temperature=0.8)
+    head = DSparkHead(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.2 * torch.randn(p.shape, generator=g))
+        if head.d2t is not None:
+            head.d2t.copy_(torch.randperm(tcfg.vocab_size, generator=g)[: cfg.draft_vocab].sort().values)
+    return head.double().eval()
+
+
+@torch.inference_mode()
+def _paratree_block(head, lm, taps, anchor, prev):
+    """What paratree's DSpark drafter computes for one block (drafters/block_drafter.py, dspark_drafter.py)."""
+    n, bs = taps.shape[0], head.cfg.block_size
+    kv = head.context_kv(head.fuse(taps[None]), torch.arange(n)[None])
+    toks = torch.full((1, bs), -1)
+    toks[0, 0] = anchor
+    x = head.block_embeddings(lm.model.embed.weight, toks, None)
+    h = head.forward_blocks(x, torch.arange(n, n + bs)[None], kv, None)[0]
+    lm_w = head.lm_weight(lm.model.lm_head.weight)
+    logits, conf = head.sequential(h, lambda y: F.linear(y, lm_w), torch.tensor(prev))
+    return logits, torch.sigmoid(conf / head.conf_temperature)
+
+
+@torch.inference_mode()
+def test_dspark_export_is_the_same_function_on_real_taps(tiny64):
+    lm = tiny64
+    head = _dspark_head(lm.config)
+    ids = torch.randint(0, lm.config.vocab_size, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    runner = TargetRunner(lm.model, max_len=64)
+    taps = runner.prefill(ids[:-1], taps=head.cfg.tap_layers)  # real target taps of the context
+    mask_id = lm.config.vocab_size - 1
+    sd = dspark_tensors(head, lm.model.embed.weight, lm.model.lm_head.weight, mask_id)
+    cfg = dspark_config(head, lm.config, mask_id)
+    prev = [ids[-1], 7, 11, 3, 5]  # the anchor, then teacher-forced chain tokens
+    want_logits, want_conf = _paratree_block(head, lm, taps, ids[-1], prev)
+    got_logits, got_conf = dspark_block(sd, cfg, taps, ids[-1], prev)
+    assert torch.allclose(got_logits[:, head.d2t], want_logits, rtol=1e-9, atol=1e-9)
+    assert torch.isinf(got_logits).sum() == cfg["block_size"] * (lm.config.vocab_size - cfg["draft_vocab_size"])
+    assert torch.allclose(got_conf, want_conf, rtol=1e-9, atol=1e-12)
+
+
+def test_export_writes_the_format_and_refuses_what_it_cannot_express(tiny64, tmp_path):
+    lm = tiny64
+    head = _dspark_head(lm.config, seed=2)
+    head.float().save(tmp_path / "head", dtype=torch.float32)
+    out = export_head(tmp_path / "head", "dspark", tmp_path / "out", lm=lm, mask_token_id=9)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3DSparkModel"] and cfg["mask_token_id"] == 9
+    assert cfg["target_layer_ids"] == list(head.cfg.tap_layers) and cfg["draft_vocab_size"] == 40
+    sd = load_file(str(out / "model.safetensors"))
+    assert torch.equal(sd["d2t"] + torch.arange(40), head.d2t)  # offsets, as EAGLE-3 / DeepSpec store them
+    ids = list(range(3, 20))
+    taps = TargetRunner(lm.model, max_len=64).prefill(ids[:-1], taps=head.cfg.tap_layers)
+    head64 = head.double()
+    want, _ = _paratree_block(head64, lm, taps, ids[-1], [ids[-1], 4, 4, 4, 4])
+    got, _ = dspark_block(sd, cfg, taps, ids[-1], [ids[-1], 4, 4, 4, 4])
+    assert torch.allclose(got[:, head.d2t], want, rtol=1e-5, atol=1e-5)  # fp32 files, fp64 forwards
+
+    head.save(tmp_path / "normed", dtype=torch.float32)
+    for name, kw, why in [("tapnorm", dict(tap_norm=True), "tap_norm: false"),
+                          ("rootin", dict(root_in=True), "root_in: false"),
+                          ("causal", dict(causal=True), "causal")]:
+        _dspark_head(lm.config, **kw).float().save(tmp_path / name, dtype=torch.float32)
+        with pytest.raises(ValueError, match=why):
+            export_head(tmp_path / name, "dspark", tmp_path / "x", lm=lm)
+    with pytest.raises(ValueError, match="not written yet"):
+        export_head(tmp_path / "head", "eagle3", tmp_path / "x", lm=lm)
+    with pytest.raises(ValueError, match="unknown format"):
+        export_head(tmp_path / "head", "onnx", tmp_path / "x", lm=lm)
+
+
+def test_cli_export_refuses_the_shipped_dspark_head_in_one_line(capsys):
+    """The shipped DSpark head normalises its taps and has a root projection: not the format's function."""
+    from paratree.cli import main
+    from paratree.drafters.registry import shipped_head
+
+    assert main(["export", str(shipped_head("smollm2-135m", "dspark")), "--format", "dspark", "--out", "/tmp/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tap_norm: false" in err[0] and "root_in: false" in err[0]
+
+
+def test_a_head_trained_for_the_format_exports(tiny_ckpts, tmp_path):
+    """`tap_norm: false` and `root_in: false` train (configs/dspark_export_smollm2.yaml) into a head
+    the export accepts, and its drafter still decodes losslessly."""
+    from paratree.drafters import NoDrafter, make_drafter
+    from paratree.engine.generate import Generator
+    from paratree.train.trainer import Trainer, TrainConfig
+    from test_train import _sequences
+
+    lm = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False)
+    cfg = TrainConfig(family="dspark", tap_norm=False, root_in=False, num_layers=1, block_size=4, num_taps=2,
+                      markov_rank=4, max_steps=3, seqs_per_step=4, anchors_per_seq=6, warmup_steps=1, eval_every=0,
+                      checkpoint_every=0, eval_seqs=2, output_dir=str(tmp_path / "run"), autocast_bf16=False)
+    Trainer(cfg, lm=lm, sequences=_sequences(lm, n=8), progress=False).fit()
+    head_dir = tmp_path / "run" / "head"
+    out = export_head(head_dir, "dspark", tmp_path / "out", lm=lm)
+    assert (out / "model.safetensors").is_file()
+    runner = TargetRunner(lm.model, max_len=96)
+    prompt = list(range(5, 17))
+    plain = Generator(runner, NoDrafter()).generate(prompt, 24).token_ids
+    got = Generator(runner, make_drafter("dspark", lm, head_path=str(head_dir)), budget=5).generate(prompt, 24)
+    assert got.token_ids == plain
