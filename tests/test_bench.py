@@ -288,6 +288,9 @@ def test_generate_with_auto_budget_is_lossless(tiny, cache, capsys):
     costs = CostService(lm)
     sizer = costs.auto_sizer("ngram")  # no fp32 profile yet: a short calibration runs
     assert Path(costs.profile()["path"]).is_file() and sizer.max_nodes == 256
+    assert set(costs.profile()["draft"]) == {"ngram"}  # a first run times only the drafter in use
+    costs.auto_sizer("ngram-chain")  # another drafter is timed once and stored with the profile
+    assert set(CostService(lm).profile()["draft"]) == {"ngram", "ngram-chain"}
     ids = encode_prompt(lm.tokenizer, datasets.load_prompts("gsm8k", 1)[0])
     runner = TargetRunner(lm.model, max_len=len(ids) + 48 + 300)
     plain = Generator(runner, NoDrafter(), eos_ids=lm.eos_ids).generate(ids, 48)

@@ -187,10 +187,14 @@ def calibrate(lm: LoadedModel, sizes: Sequence[int] | None = None, max_nodes: in
         "round_overhead_s": overhead,
         "draft": draft,
     }
-    path = Path(path) if path is not None else profile_path(lm)
+    return store_profile(profile, Path(path) if path is not None else profile_path(lm))
+
+
+def store_profile(profile: dict, path: Path) -> dict:
+    """Write `profile` to `path` atomically (a killed run leaves the old file or the new one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(profile, indent=1))
+    tmp.write_text(json.dumps({k: v for k, v in profile.items() if k != "path"}, indent=1))
     tmp.replace(path)
     profile["path"] = str(path)
     return profile
@@ -304,14 +308,15 @@ class CostService:
             self._profile = load_profile(self.profile_path)
         return self._profile
 
-    def profile(self) -> dict:
+    def profile(self, drafters: Sequence[str] | None = None) -> dict:
+        """The stored profile; a missing one is calibrated now, timing only `drafters` (None: all)."""
         prof = self.stored_profile()
         if prof is None:
             if not self.calibrate_if_missing:
                 raise ValueError(f"no calibration profile at {self.profile_path}: run `paratree calibrate`")
             if self.on_calibrate is not None:
                 self.on_calibrate()
-            prof = self._profile = get_profile(self.lm, calibrate_if_missing=True)
+            prof = self._profile = get_profile(self.lm, calibrate_if_missing=True, drafters=drafters)
         return prof
 
     def verify_curve(self) -> VerifyCostModel | None:
@@ -320,8 +325,15 @@ class CostService:
         return profile_cost(prof) if prof is not None else None
 
     def auto_sizer(self, drafter: str) -> AutoSizer:
-        """`--budget auto` for `drafter`: the profile's curve plus its draft and round overhead."""
-        return AutoSizer.from_profile(self.profile(), drafter)
+        """`--budget auto` for `drafter`: the profile's curve plus its draft and round overhead. A first
+        run calibrates the curve and this drafter only (a few seconds, not every drafter's latency); a
+        drafter the profile has not timed yet is timed now and added to it."""
+        prof = self.profile(drafters=[drafter])
+        if drafter not in prof.get("draft", {}):
+            top = max(int(n) for n, _ in prof["verify_points"])
+            prof.setdefault("draft", {}).update(measure_drafters(self.lm, [drafter], max_budget=top))
+            store_profile(prof, Path(prof["path"]))
+        return AutoSizer.from_profile(prof, drafter)
 
     def batched_curve(self, runner: TargetRunner, path: str | Path | None, budget: int, max_batch: int
                       ) -> tuple[VerifyCostModel, str]:
