@@ -15,7 +15,7 @@ from format_reference import dspark_block
 from paratree.drafters.heads.block import BlockHeadConfig
 from paratree.drafters.heads.dspark import DSparkHead
 from paratree.export import export_head
-from paratree.export.dspark import dspark_config, dspark_tensors
+from paratree.drafters.heads.dspark_format import to_dspark
 from paratree.models.loader import load_model
 from paratree.models.runner import TargetRunner
 
@@ -64,8 +64,7 @@ def test_dspark_export_is_the_same_function_on_real_taps(tiny64):
     runner = TargetRunner(lm.model, max_len=64)
     taps = runner.prefill(ids[:-1], taps=head.cfg.tap_layers)  # real target taps of the context
     mask_id = lm.config.vocab_size - 1
-    sd = dspark_tensors(head, lm.model.embed.weight, lm.model.lm_head.weight, mask_id)
-    cfg = dspark_config(head, lm.config, mask_id)
+    sd, cfg = to_dspark(head, lm.model.embed.weight, lm.model.lm_head.weight, mask_id, 128)
     prev = [ids[-1], 7, 11, 3, 5]  # the anchor, then teacher-forced chain tokens
     want_logits, want_conf = _paratree_block(head, lm, taps, ids[-1], prev)
     got_logits, got_conf = dspark_block(sd, cfg, taps, ids[-1], prev)
@@ -135,3 +134,27 @@ def test_a_head_trained_for_the_format_exports(tiny_ckpts, tmp_path):
     plain = Generator(runner, NoDrafter()).generate(prompt, 24).token_ids
     got = Generator(runner, make_drafter("dspark", lm, head_path=str(head_dir)), budget=5).generate(prompt, 24)
     assert got.token_ids == plain
+
+
+
+def test_export_then_import_drafts_the_same_and_decodes_the_same(tiny_ckpts, tmp_path):
+    """`--head DIR` takes a DSpark-layout checkpoint: exported then imported, the head proposes the same
+    chains (confidences equal up to the folded temperature's rounding) and greedy output is plain's."""
+    from paratree.drafters import NoDrafter, drafter_for_head, make_drafter
+    from paratree.engine.generate import Generator
+
+    lm = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False)
+    head = _dspark_head(lm.config, seed=3).float()
+    head.save(tmp_path / "head", dtype=torch.float32)
+    export_head(tmp_path / "head", "dspark", tmp_path / "out", lm=lm)
+    assert drafter_for_head(tmp_path / "out") == "dspark"
+    a = make_drafter("dspark", lm, head_path=str(tmp_path / "head"))
+    b = make_drafter("dspark", lm, head_path=str(tmp_path / "out"))
+    runner = TargetRunner(lm.model, max_len=128)
+    prompt = list(range(5, 19))
+    plain = Generator(runner, NoDrafter()).generate(prompt, 32)
+    ra = Generator(runner, a, budget=5).generate(prompt, 32)
+    rb = Generator(runner, b, budget=5).generate(prompt, 32)
+    assert ra.token_ids == rb.token_ids == plain.token_ids
+    assert ra.tree_sizes == rb.tree_sizes and ra.accept_depths == rb.accept_depths  # the same drafts
+    assert torch.allclose(torch.tensor(a.last_confidences), torch.tensor(b.last_confidences), atol=1e-6)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 from . import families  # noqa: F401  (registers every family module)
 from .base import Drafter, NoDrafter
-from .heads.block import BlockDraftHead
 from .ngram import NGramDrafter
 from .registry import (BuildContext, DrafterSpec, HeadFamily, drafter_names, drafter_spec, family_names,
-                       head_family_of, register_drafter, register_family, shipped_head)
+                       head_family_of, read_head_config, register_drafter, register_family, shipped_head)
 from ..tree.cost import VerifyCostModel
 
 # The drafter measured fastest per packaged model, where that is not its plain JetSpec head. SmolLM2-135M
@@ -37,7 +36,7 @@ def head_family(name: str) -> str | None:
 
 def drafter_for_head(path: str | Path) -> str:
     """The tree drafter for a trained head directory, by the family it was trained as."""
-    return head_family_of(BlockDraftHead.read_config(path).family).drafter
+    return head_family_of(read_head_config(path).family).drafter
 
 
 def make_drafter(name: str, lm=None, head_path: str | None = None, width: int = 8,

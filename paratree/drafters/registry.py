@@ -21,6 +21,7 @@ from ..models.transformer import linear_kernels, pack_linears_for_inference
 from ..tree.cost import VerifyCostModel
 from .base import Drafter
 from .heads.block import BlockDraftHead, BlockHeadConfig
+from .heads.dspark_format import is_dspark_dir, read_dspark_config
 from .heads.training import LOSSES, build_blocks, head_hidden, sample_anchors
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"
@@ -165,6 +166,11 @@ def shipped_head(model_name: str, family: str) -> Path | None:
     return p if (p / "head_config.json").is_file() else None
 
 
+def read_head_config(path) -> BlockHeadConfig:
+    """A head directory's config: paratree's own (`head_config.json`) or an imported checkpoint format."""
+    return read_dspark_config(path) if is_dspark_dir(path) else BlockDraftHead.read_config(path)
+
+
 def load_family_head(ctx: BuildContext, family: str, drafter: str):
     """(head, packed): the `family` head for `ctx.lm`, from `ctx.head_path`, else the shipped one, checked
     against the target; its Linears get the target's packed CPU kernels unless the target runs stock ones
@@ -173,7 +179,7 @@ def load_family_head(ctx: BuildContext, family: str, drafter: str):
     if path is None:
         raise ValueError(f"no trained {family} head ships for model '{ctx.lm.name}': train one with "
                          f"`paratree train --config configs/{family}_smollm2.yaml` and pass --head DIR")
-    found = BlockDraftHead.read_config(path).family
+    found = read_head_config(path).family
     if found != family:
         raise ValueError(f"'{path}' holds a {found} head; drafter '{drafter}' needs a {family} head")
     head = head_family_of(family).load_head(path, dtype=ctx.dtype)

@@ -6,12 +6,23 @@ import torch.nn.functional as F
 
 from ..dspark_drafter import DSparkDrafter
 from ..heads.dspark import DSparkHead
+from ..heads.dspark_format import is_dspark_dir, read_dspark_config, read_dspark_state
 from ..heads.training import dspark_loss, head_hidden
 from ..registry import BuildContext, DrafterSpec, HeadFamily, load_family_head, register_drafter, register_family
 
 
 class DSpark(HeadFamily):
     name, causal, drafter, head_class = "dspark", False, "dspark", DSparkHead
+
+    def load_head(self, path, dtype=torch.float32):
+        """paratree's own head directory, or a checkpoint in DeepSpec's DSpark layout (imported as is)."""
+        if not is_dspark_dir(path):
+            return super().load_head(path, dtype)
+        cfg = read_dspark_config(path)
+        head = DSparkHead(cfg)
+        head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                              for k, v in read_dspark_state(path, cfg).items()})
+        return head.to(dtype)
 
     def head_config(self, tcfg, train_cfg, **kw):
         hcfg = super().head_config(tcfg, train_cfg, **kw)
