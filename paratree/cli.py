@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
     ex.add_argument("--model", default=None, help="the head's target (default: the packaged model it names)")
     ex.add_argument("--mask-token-id", type=int, default=None,
-                    help="token whose draft embedding row carries the learned mask embedding (default: the last id)")
+                    help="token whose row of the exported draft's embed_tokens carries the learned mask embedding "
+                         "(default: the last id; that token, as a draft anchor, then reads as the mask in engines)")
     ex.set_defaults(func=cmd_export)
 
     c = sub.add_parser("calibrate", help="measure verify latency vs tree size; store the profile for --budget auto")

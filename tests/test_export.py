@@ -158,3 +158,15 @@ def test_export_then_import_drafts_the_same_and_decodes_the_same(tiny_ckpts, tmp
     assert ra.token_ids == rb.token_ids == plain.token_ids
     assert ra.tree_sizes == rb.tree_sizes and ra.accept_depths == rb.accept_depths  # the same drafts
     assert torch.allclose(torch.tensor(a.last_confidences), torch.tensor(b.last_confidences), atol=1e-6)
+
+
+def test_a_broken_dspark_checkpoint_is_one_clear_error(tiny_ckpts, tmp_path):
+    from paratree.drafters import make_drafter
+    from paratree.models.config import CheckpointError
+
+    lm = load_model(str(tiny_ckpts["llama"]), "fp32", tokenizer=False)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen3DSparkModel"], "hidden_size": 64}))
+    with pytest.raises(CheckpointError, match="missing"):
+        make_drafter("dspark", lm, head_path=str(d))

@@ -120,7 +120,7 @@ def _context_ids(lm: LoadedModel, n: int = 256) -> list[int]:
 
 def measure_drafters(lm: LoadedModel, names: Sequence[str] | None = None, budget: int = 32, repeats: int = 5,
                      ctx_len: int = 256, max_budget: int | None = None) -> dict[str, dict]:
-    """Median `propose` latency per drafter at `budget` (and at `max_budget`, what `--budget auto` proposes).
+    """Median `propose` latency per drafter at `budget` (what `--budget auto` charges a round) and at `max_budget`.
 
     Errors are recorded, never raised: a trained head may be missing on this machine.
     """

@@ -31,18 +31,29 @@ def verify_round(runner: TargetRunner, seqs: Sequence, trees: list[DraftTree], m
                  taps: tuple[int, ...] = ()) -> list[tuple[list[int], list[int]]]:
     """Verify `trees[i]` for `seqs[i]` in one forward, accept, commit and update each drafter.
 
-    Returns (accepted node path, emitted tokens incl. the bonus) per sequence. A lone sequence on
-    a one-row runner takes `runner.verify` (the compiled single-sequence graph where there is one);
-    a batch takes `verify_batch`, where every greedy row is accepted in one batched walk.
+    Returns (accepted node path, emitted tokens incl. the bonus) per sequence.
     """
+    return accept_and_commit(runner, seqs, trees, verify_trees(runner, seqs, trees, taps), method)
+
+
+def verify_trees(runner: TargetRunner, seqs: Sequence, trees: list[DraftTree], taps: tuple[int, ...] = ()):
+    """The one target forward of a round. A lone sequence on a one-row runner takes `runner.verify`
+    (the compiled single-sequence graph where there is one); a batch takes `verify_batch`."""
+    if len(seqs) == 1 and runner.batch_size == 1:
+        return runner.verify(trees[0], taps=taps, seq=seqs[0].row)
+    return runner.verify_batch(trees, [s.row for s in seqs], taps=taps)
+
+
+def accept_and_commit(runner: TargetRunner, seqs: Sequence, trees: list[DraftTree], out, method: str = "auto"
+                      ) -> list[tuple[list[int], list[int]]]:
+    """Acceptance by the target's own distribution (every greedy row of a batch in one batched walk),
+    then commit and drafter update, for the forward `out` of `verify_trees`."""
     if len(seqs) == 1 and runner.batch_size == 1:
         s, tree = seqs[0], trees[0]
-        out = runner.verify(tree, taps=taps, seq=s.row)
         acc = accept(tree, out.logits, s.params, s.gen, method=method)
         results = [(acc.path, acc.tokens)]
         tap_rows = [None if out.taps is None else out.taps[acc.path]]
     else:
-        out = runner.verify_batch(trees, [s.row for s in seqs], taps=taps)
         results = [([], [])] * len(seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy and method in ("auto", "greedy")]
         if greedy:

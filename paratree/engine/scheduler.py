@@ -47,7 +47,7 @@ from ..tree.draft_tree import DraftTree
 from ..verify.stopping import StopStrings
 from ..verify.warp import SamplingParams
 from .costs import measure_verify_cost
-from .rounds import draft_budget, emit, stop_cut, verify_round
+from .rounds import accept_and_commit, draft_budget, emit, stop_cut, verify_trees
 from .sizing import AcceptanceModel, RateGate
 
 POLICIES = ("adaptive", "latency", "throughput")
@@ -531,9 +531,10 @@ class Scheduler:
         trees = plan.trees
         taps = tuple(sorted({t for s in seqs for t in s.drafter.tap_layers}))
         t1 = time.perf_counter()
-        # every row is committed inside verify_round, before any row is released (releases move rows)
-        results = verify_round(runner, seqs, trees, self.method, taps)
-        t2 = time.perf_counter()
+        out = verify_trees(runner, seqs, trees, taps)
+        t2 = time.perf_counter()  # acceptance, commit and drafter updates count as round overhead
+        # every row is committed here, before any row is released (releases move rows)
+        results = accept_and_commit(runner, seqs, trees, out, self.method)
         est = self.policy.estimator
         for i, s in enumerate(seqs):
             if plan.sources[i].num_nodes > 1:  # learn from the whole drafted tree (path mapped back)

@@ -258,7 +258,9 @@ class AutoSizer:
         cost = profile_cost(profile)
         fixed = float(profile.get("round_overhead_s", 0.0))
         d = (profile.get("draft") or {}).get(drafter or "", {})
-        fixed += float(d.get("seconds_max", d.get("seconds", 0.0)))
+        # the draft pass at the calibrated 32 nodes: `propose_budget` asks for about what is kept (8-32
+        # nodes), not the 256 of `seconds_max`, which would overstate the cost and grow the trees
+        fixed += float(d.get("seconds", d.get("seconds_max", 0.0)))
         return cls(cost, fixed_seconds=fixed, **kw)
 
     def node_accept_prob(self, tree: DraftTree) -> torch.Tensor:

@@ -18,8 +18,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ...models.config import CheckpointError
 from .block import BlockHeadConfig
 
 ARCHITECTURES = ("Qwen3DSparkModel",)
@@ -86,7 +88,14 @@ def is_dspark_dir(path: str | Path) -> bool:
 
 def read_dspark_config(path: str | Path) -> BlockHeadConfig:
     """The paratree head config of a DSpark checkpoint directory."""
-    c = json.loads((Path(path) / "config.json").read_text())
+    f = Path(path) / "config.json"
+    try:
+        return _dspark_config(json.loads(f.read_text()), path)
+    except KeyError as e:
+        raise CheckpointError(f"{f}: missing {e} (not a DSpark checkpoint paratree can read)") from None
+
+
+def _dspark_config(c: dict, path) -> BlockHeadConfig:
     if c.get("markov_head_type", "vanilla") != "vanilla" or not c.get("confidence_head_with_markov", True):
         raise ValueError(f"'{path}': only a vanilla Markov head with a confidence head over [h ; w1[prev]] is a "
                          f"paratree DSpark head")
@@ -97,7 +106,8 @@ def read_dspark_config(path: str | Path) -> BlockHeadConfig:
         vocab_size=c["vocab_size"], target_layers=c["num_target_layers"], tap_layers=tuple(c["target_layer_ids"]),
         block_size=c["block_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
         num_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"], intermediate_size=c["intermediate_size"],
-        rms_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"], target_name=own.get("target_name", ""),
+        rms_eps=c["rms_norm_eps"], rope_theta=c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta")),
+        target_name=own.get("target_name", ""),
         tokenizer_hash=own.get("tokenizer_hash", ""), draft_vocab=vd if vd < c["vocab_size"] else 0,
         tap_norm=False, root_in=False,
         extra={"markov_rank": c["markov_rank"], "conf_temperature": 1.0, "mask_token_id": c["mask_token_id"]})
@@ -105,7 +115,14 @@ def read_dspark_config(path: str | Path) -> BlockHeadConfig:
 
 def read_dspark_state(path: str | Path, cfg: BlockHeadConfig) -> dict[str, torch.Tensor]:
     """The paratree state dict of a DSpark checkpoint directory's `model.safetensors`."""
-    sd = load_file(str(Path(path) / "model.safetensors"))
+    f = Path(path) / "model.safetensors"
+    try:
+        return _dspark_state(load_file(str(f)), cfg)
+    except (KeyError, OSError, SafetensorError) as e:
+        raise CheckpointError(f"{f}: cannot read a DSpark checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _dspark_state(sd: dict, cfg: BlockHeadConfig) -> dict[str, torch.Tensor]:
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
     out = {"fc.weight": sd["fc.weight"], "hidden_norm.weight": sd["hidden_norm.weight"], "norm.weight": sd["norm.weight"],
            "mask_emb": sd["embed_tokens.weight"][cfg.extra["mask_token_id"]],
