@@ -1,9 +1,9 @@
 """Check a `paratree train --config` file before any training starts.
 
-`load_train_config` reads the file, refuses what `TrainConfig` cannot use (a missing file, a
-parse error, a document that is not a mapping, unknown keys, values of the wrong type) with one
-ValueError that names the file and the problem, and then builds the config through
-`TrainConfig.from_file`, which adds the family and loss checks.
+`load_train_config` reads and parses the file once, refuses what `TrainConfig` cannot use (a
+missing file, a parse error, a document that is not a mapping, unknown keys, values of the wrong
+type) with one ValueError that names the file and the problem, and then builds the config with
+`TrainConfig.from_mapping`, which adds the family and loss checks.
 """
 
 from __future__ import annotations
@@ -92,7 +92,6 @@ def check_train_config(path: str | Path) -> dict:
     return raw
 
 
-def load_train_config(path: str | Path, **overrides):
-    """`TrainConfig.from_file` behind `check_train_config`."""
-    check_train_config(path)
-    return TrainConfig.from_file(path, **overrides)
+def load_train_config(path: str | Path, **overrides) -> TrainConfig:
+    """The checked config file as a `TrainConfig`, with the non-None `overrides` applied."""
+    return TrainConfig.from_mapping(check_train_config(path), **overrides)

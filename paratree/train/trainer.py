@@ -19,13 +19,12 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..drafters.heads.block import BlockDraftHead, tokenizer_fingerprint
@@ -80,18 +79,10 @@ class TrainConfig:
     # shape and target; its draft vocab is kept (fine-tuning a shipped head on more data)
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            raw = yaml.safe_load(text) or {}
-        else:
-            raw = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"unknown config keys in {path}: {', '.join(sorted(unknown))}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls(**raw)
+    def from_mapping(cls, raw: dict, **overrides) -> "TrainConfig":
+        """A config from a mapping whose keys and types `train.config_check` has checked, plus the
+        non-None `overrides` (command-line options); refuses an unknown family or loss."""
+        cfg = cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
         head_family_of(cfg.family)  # an unknown family is a one-line error naming the registered ones
         if cfg.loss not in LOSSES:
             raise ValueError(f"unknown loss '{cfg.loss}': {', '.join(LOSSES)}")
