@@ -165,11 +165,9 @@ def cmd_data(args) -> int:
 
 
 def _set_threads(n) -> None:
-    if n:
+    if n:  # main() refused n < 1 already (`_check_counts`)
         import torch
 
-        if n < 1:
-            raise ValueError("--threads must be >= 1")
         torch.set_num_threads(n)
 
 
