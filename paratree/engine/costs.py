@@ -78,27 +78,33 @@ def random_best_first_tree(root: int, n: int, vocab: int, gen: torch.Generator, 
     return tree
 
 
+def time_round_robin(calls: Sequence[Callable[[], object]], repeats: int) -> list[list[float]]:
+    """Seconds of each call, `repeats` times: one untimed sweep over all calls first (a first forward
+    of a new shape pays one-off kernel set-up), then timed sweeps, round-robin, so a burst of load
+    from other processes hits every call alike instead of bending one part of a curve."""
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for k, call in enumerate(calls):
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def measure_verify(runner: TargetRunner, sizes: Sequence[int], past_len: int = 256, repeats: int = 5,
                    seed: int = 0, on_point: Callable[[int, float], None] | None = None) -> list[tuple[int, float]]:
-    """Median latency of `runner.verify` on random best-first trees of each size, after `past_len` cached tokens.
-
-    Sizes are timed round-robin (one pass over all sizes per repeat), so a burst of load
-    from other processes hits every size alike instead of bending one part of the curve.
-    """
+    """Median latency of `runner.verify` on random best-first trees of each size, after `past_len`
+    cached tokens (timed round-robin, `time_round_robin`); verify without commit keeps the cache at
+    `past_len` (the same slots are reused)."""
     vocab = runner.cfg.vocab_size
     gen = torch.Generator().manual_seed(seed)
     past_len = max(1, min(past_len, runner.max_len - max(sizes) - 1))
     runner.reset()
     runner.prefill(torch.randint(0, vocab, (past_len,), generator=gen).tolist())
     trees = [random_best_first_tree(int(torch.randint(0, vocab, (1,), generator=gen)), n, vocab, gen) for n in sizes]
-    for tree in trees:  # warm-up; verify without commit keeps the cache at past_len (same slots reused)
-        runner.verify(tree)
-    times: list[list[float]] = [[] for _ in sizes]
-    for _ in range(repeats):
-        for k, tree in enumerate(trees):
-            t0 = time.perf_counter()
-            runner.verify(tree)
-            times[k].append(time.perf_counter() - t0)
+    times = time_round_robin([lambda tree=tree: runner.verify(tree) for tree in trees], repeats)
     points = [(int(n), statistics.median(ts)) for n, ts in zip(sizes, times)]
     if on_point is not None:
         for n, s in points:
@@ -227,10 +233,8 @@ def get_profile(lm: LoadedModel, calibrate_if_missing: bool = True, quick: bool 
 def measure_verify_cost(runner: TargetRunner, sizes=(1, 4, 16, 64, 256), repeats: int = 2) -> VerifyCostModel:
     """Quick T(total verify nodes) curve of batched forwards on this machine.
 
-    n nodes are spread over min(n, batch_size) rows as chains. One untimed sweep over all
-    sizes first (first forwards of a new shape pay one-off kernel set-up), then `repeats`
-    timed sweeps, round-robin so a burst of load from other processes does not bend one
-    part of the curve; the fastest time per size is kept.
+    n nodes are spread over min(n, batch_size) rows as chains, timed round-robin
+    (`time_round_robin`); the fastest time per size is kept.
     """
     rows = list(range(runner.batch_size))
     saved = list(runner.lengths)
@@ -243,15 +247,8 @@ def measure_verify_cost(runner: TargetRunner, sizes=(1, 4, 16, 64, 256), repeats
             runner.discard(i)
 
     try:
-        for n in sizes:
-            run(n)
-        best = {n: float("inf") for n in sizes}
-        for _ in range(max(1, repeats)):
-            for n in sizes:
-                t0 = time.perf_counter()
-                run(n)
-                best[n] = min(best[n], time.perf_counter() - t0)
-        return VerifyCostModel([(n, best[n]) for n in sizes])
+        times = time_round_robin([lambda n=n: run(n) for n in sizes], max(1, repeats))
+        return VerifyCostModel([(n, min(ts)) for n, ts in zip(sizes, times)])
     finally:
         for i, n in enumerate(saved):
             runner.truncate(n, i)
