@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from ..dspark_drafter import DSparkDrafter
 from ..heads.dspark import DSparkHead
-from ...models.config import CheckpointError
 from ..heads.dspark_format import is_dspark_dir, read_dspark_config, read_dspark_state
 from ..heads.training import dspark_loss, head_hidden
 from ..registry import BuildContext, DrafterSpec, HeadFamily, load_family_head, register_drafter, register_family
@@ -20,13 +19,8 @@ class DSpark(HeadFamily):
         if not is_dspark_dir(path):
             return super().load_head(path, dtype)
         cfg = read_dspark_config(path)
-        head = DSparkHead(cfg)
-        try:
-            head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                                  for k, v in read_dspark_state(path, cfg).items()})
-        except RuntimeError as e:  # mis-shaped tensors against its own config.json
-            raise CheckpointError(f"'{path}': the DSpark weights do not fit its config.json: {str(e)[:300]}") from None
-        return head.to(dtype)
+        return DSparkHead(cfg).fill(read_dspark_state(path, cfg), dtype,
+                                    f"'{path}': the DSpark weights do not fit its config.json")
 
     def head_config(self, tcfg, train_cfg, **kw):
         hcfg = super().head_config(tcfg, train_cfg, **kw)

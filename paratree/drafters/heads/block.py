@@ -274,11 +274,15 @@ class BlockDraftHead(nn.Module):
             sd = load_file(str(f))
         except SafetensorError as e:
             raise CheckpointError(f"cannot read head weights {f} (corrupt or truncated safetensors?): {e}") from None
+        return head.fill(sd, dtype, f"head weights {f} do not fit {p / 'head_config.json'}")
+
+    def fill(self, sd: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> "BlockDraftHead":
+        """Load `sd` in `dtype`; missing, unexpected or mis-shaped tensors are one CheckpointError `what: …`."""
         try:
-            head.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
-        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-            raise CheckpointError(f"head weights {f} do not fit {p / 'head_config.json'}: {str(e)[:300]}") from None
-        return head.to(dtype)
+            self.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+        except RuntimeError as e:
+            raise CheckpointError(f"{what}: {str(e)[:300]}") from None
+        return self.to(dtype)
 
     def check_target(self, tcfg: ModelConfig, tokenizer=None) -> None:
         """Refuse a target the head was not trained for (clear error, before any decoding)."""
