@@ -318,6 +318,7 @@ def cmd_bench_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .drafters import drafters
+    from .export import FORMATS
 
     p = _Parser(prog="paratree", description="Lossless speculative decoding with parallel tree drafting")
     p.add_argument("--version", action="version", version=f"paratree {__version__}")
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a trained head in another engine's checkpoint format")
     ex.add_argument("head_dir")
-    ex.add_argument("--format", required=True, choices=("dspark", "dflash", "eagle3"))
+    ex.add_argument("--format", required=True, choices=FORMATS)
     ex.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
     ex.add_argument("--model", default=None, help="the head's target (default: the packaged model it names)")
     ex.add_argument("--mask-token-id", type=int, default=None,
