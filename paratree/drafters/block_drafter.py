@@ -27,6 +27,9 @@ class BlockHeadDrafter:
         self.head, self.embed, self.lm_head = head.eval(), embed, lm_head
         self.name, self.tree, self.width = name, tree, width
         self.max_depth = min(max_depth or head.cfg.depth, head.cfg.depth)
+        if path_conditioned and head.cfg.shifted:
+            raise ValueError(f"{name}: a shifted (DFlash-layout) head's rows predict their own position, "
+                             f"so they cannot carry branch tokens (path conditioning)")
         self.path_conditioned = path_conditioned
         self.tap_layers = tuple(head.cfg.tap_layers)
         self.dtype = next(head.parameters()).dtype
@@ -96,7 +99,7 @@ class BlockHeadDrafter:
     @torch.inference_mode()
     def block_hidden(self, root: int, branch: list[int] | None = None) -> torch.Tensor:
         """The head's final-normed states (D, H) of the block rooted at `root`."""
-        d = self.max_depth
+        d = self.head.block_rows(self.max_depth)
         toks = torch.full((1, d), -1, dtype=torch.long)
         toks[0, 0] = root
         if branch:
@@ -107,7 +110,7 @@ class BlockHeadDrafter:
         if self.head.cfg.causal:
             mask = torch.ones(d, self._ctx_len + d, dtype=torch.bool)
             mask[:, self._ctx_len :] = torch.ones(d, d, dtype=torch.bool).tril()
-        return self.head.forward_blocks(x, pos, self._context(), mask)[0]
+        return self.head.depth_states(self.head.forward_blocks(x, pos, self._context(), mask)[0])
 
     @torch.inference_mode()
     def conditioned_logits(self, tree: DraftTree) -> torch.Tensor:

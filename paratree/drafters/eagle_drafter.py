@@ -10,7 +10,6 @@ top-k: verified by the lossless rules for that case).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..tree.builders import build_chain_with_siblings
 from ..tree.draft_tree import DraftTree
@@ -21,7 +20,7 @@ class EagleDrafter:
     def __init__(self, head: EagleHead, embed: torch.nn.Embedding, lm_weight: torch.Tensor, name: str = "eagle",
                  width: int = 4, max_depth: int | None = None):
         self.head, self.embed, self.name = head.eval(), embed, name
-        self.lm_w = head.lm_weight(lm_weight).contiguous()
+        self.lm_w = head.target_rows(lm_weight).contiguous()  # what head.logits reads, unless it has its own
         self.width, self.max_depth = width, max_depth or head.cfg.depth
         self.tap_layers = tuple(head.cfg.tap_layers)
         self.dtype = next(head.parameters()).dtype
@@ -60,7 +59,7 @@ class EagleDrafter:
         self._c, self._h_last = c + n, h[:, -1:]
 
     def _logp(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(F.linear(h[0, -1], self.lm_w).float(), -1)
+        return torch.log_softmax(self.head.logits(h[0, -1], self.lm_w).float(), -1)
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], budget: int) -> DraftTree:

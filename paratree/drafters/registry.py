@@ -21,7 +21,6 @@ from ..models.transformer import linear_kernels, pack_linears_for_inference
 from ..tree.cost import VerifyCostModel
 from .base import Drafter
 from .heads.block import BlockDraftHead, BlockHeadConfig
-from .heads.dspark_format import is_dspark_dir, read_dspark_config
 from .heads.training import LOSSES, build_blocks, head_hidden, sample_anchors
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"
@@ -76,9 +75,18 @@ class HeadFamily:
         return self.head_class(hcfg)
 
     def load_head(self, path, dtype: torch.dtype = torch.float32):
-        return self.head_class.load(path, dtype=dtype)
+        """paratree's own head directory, or a checkpoint in a registered engine format (imported as is)."""
+        fmt = checkpoint_format(path)
+        if fmt is None:
+            return self.head_class.load(path, dtype=dtype)
+        cfg = fmt.read_config(path)
+        return self.head_class(cfg).fill(fmt.read_state(path, cfg), dtype,
+                                         f"'{path}': the {fmt.name} weights do not fit its config.json")
 
     # -- training hooks (train.trainer drives them) -------------------------------------------
+    def init_head(self, head, lm) -> None:
+        """Initialise what a fresh head takes from its target (after its draft vocab `d2t` is chosen)."""
+
     def training_rows(self, seq: dict, depth: int, cfg, gen: torch.Generator, unmask_prob: float):
         """(anchors, block tokens or None, (A, D) supervision weights) for one sequence."""
         anchors = sample_anchors(len(seq["ids"]), seq["prompt_len"], cfg.anchors_per_seq, gen)
@@ -114,8 +122,29 @@ class HeadFamily:
                 + (f"; un-masked prefix probability {tc['unmask_prob']}" if tc.get("unmask_prob") else ""))
 
 
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """Another engine's head checkpoint layout that `--head DIR` reads (`paratree export` writes it)."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    read_config: Callable[[Path], BlockHeadConfig]
+    read_state: Callable[[Path, BlockHeadConfig], dict]
+
+
 _DRAFTERS: dict[str, DrafterSpec] = {}
 _FAMILIES: dict[str, HeadFamily] = {}
+_FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def checkpoint_format(path) -> CheckpointFormat | None:
+    """The engine format a head directory is in; None for paratree's own (`head_config.json`)."""
+    return next((f for f in _FORMATS.values() if f.detect(Path(path))), None)
 
 
 def register_drafter(spec: DrafterSpec) -> DrafterSpec:
@@ -168,7 +197,8 @@ def shipped_head(model_name: str, family: str) -> Path | None:
 
 def read_head_config(path) -> BlockHeadConfig:
     """A head directory's config: paratree's own (`head_config.json`) or an imported checkpoint format."""
-    return read_dspark_config(path) if is_dspark_dir(path) else BlockDraftHead.read_config(path)
+    fmt = checkpoint_format(path)
+    return fmt.read_config(path) if fmt else BlockDraftHead.read_config(path)
 
 
 def load_family_head(ctx: BuildContext, family: str, drafter: str):

@@ -5,17 +5,16 @@ differs from what the format can express, the export refuses and names the diffe
 (docs/export_formats_notes.md §5 lists them), it never approximates.
 """
 
+from .dflash import export_dflash
 from .dspark import export_dspark
+from .eagle3 import export_eagle3
 
 FORMATS = ("dspark", "dflash", "eagle3")
+_WRITERS = {"dspark": export_dspark, "dflash": export_dflash, "eagle3": export_eagle3}
 
 
 def export_head(head_dir, fmt: str, out_dir, lm=None, mask_token_id: int | None = None):
     """Write the head at `head_dir` as `fmt` into `out_dir` (`lm`: its loaded target); returns the directory."""
-    if fmt == "dspark":
-        return export_dspark(head_dir, out_dir, lm=lm, mask_token_id=mask_token_id)
-    if fmt in FORMATS:
-        raise ValueError(f"--format {fmt} is not written yet: the shipped heads differ from it (a learned mask, "
-                         f"per-tap norms, a root projection, anchor-first rows; docs/export_formats_notes.md §5); "
-                         f"--format dspark exports a DSpark head trained with tap_norm: false and root_in: false")
+    if fmt in _WRITERS:
+        return _WRITERS[fmt](head_dir, out_dir, lm=lm, mask_token_id=mask_token_id)
     raise ValueError(f"unknown format '{fmt}': choose from {', '.join(FORMATS)}")

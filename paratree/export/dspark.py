@@ -17,19 +17,13 @@ over [h ; w1[prev]]. What differs only in layout is rewritten exactly:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-from ..drafters.heads.block import BlockDraftHead
 from ..drafters.heads.dspark_format import to_dspark
-from ..drafters.registry import head_family_of
-from ..models.loader import load_model
+from .common import load_for_export, write_checkpoint
 
 
-def _refusals(cfg) -> list[str]:
+def refusals(cfg) -> list[str]:
     out = []
     if cfg.family != "dspark":
         out.append(f"it is a {cfg.family} head (the format needs a DSpark head: Markov + confidence heads)")
@@ -39,29 +33,21 @@ def _refusals(cfg) -> list[str]:
         out.append("its root row mixes the root's embedding with the state before it (train with root_in: false)")
     if cfg.causal:
         out.append("its block attention is causal (DSpark blocks are bidirectional)")
+    if cfg.shifted:
+        out.append("its block is DFlash's shifted layout (DSpark's slot 0 already drafts)")
     return out
 
 
 def export_dspark(head_dir, out_dir, lm=None, mask_token_id: int | None = None) -> Path:
     """Write the DSpark head at `head_dir` (trained for `lm`, default: its packaged target by name) into `out_dir`."""
-    cfg = BlockDraftHead.read_config(head_dir)
-    why = _refusals(cfg)
-    if why:
-        raise ValueError(f"'{head_dir}' cannot be written as DSpark without changing its function: " + "; ".join(why))
-    head = head_family_of("dspark").load_head(head_dir, dtype=torch.float32)
-    lm = lm if lm is not None else load_model(cfg.target_name or None, "fp32", tokenizer=False)
-    head.check_target(lm.config)
-    mask = cfg.vocab_size - 1 if mask_token_id is None else int(mask_token_id)
+    head, lm, cfg = load_for_export(head_dir, "DSpark", refusals, lm)
+    if cfg.mask_token >= 0 and mask_token_id not in (None, cfg.mask_token):
+        raise ValueError(f"--mask-token-id {mask_token_id}: the head was trained with mask token {cfg.mask_token}")
+    mask = cfg.mask_token if cfg.mask_token >= 0 else cfg.vocab_size - 1 if mask_token_id is None else int(mask_token_id)
     if not 0 <= mask < cfg.vocab_size:
         raise ValueError(f"--mask-token-id {mask} is not a token id of the target (0..{cfg.vocab_size - 1})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors, config = to_dspark(head, lm.model.embed.weight.detach(), lm.model.lm_head.weight.detach(), mask,
                                 lm.config.max_position)
-    save_file(tensors, str(out / "model.safetensors"))  # fp32: the target's rows are copied without rounding
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "README.md").write_text(
-        f"# DSpark draft head for {cfg.target_name}\n\nExported by `paratree export {head_dir} --format dspark`. "
+    return write_checkpoint(out_dir, tensors, config, head_dir, "dspark", (
         f"Target layers (outputs) {list(cfg.tap_layers)}, block size {cfg.block_size}, mask token id {mask} "
-        f"(its row of `embed_tokens` holds the head's learned mask embedding).\n")
-    return out
+        f"(its row of `embed_tokens` holds the head's mask embedding)."))

@@ -51,6 +51,8 @@ class TrainConfig:
     draft_vocab: int = 0  # > 0: predict over the N most frequent response tokens only (EAGLE-3's d2t)
     tap_norm: bool = True  # block heads: RMS-normalise each tap before fc (False: exportable as DFlash/DSpark)
     root_in: bool = True  # block heads: root row mixes its embedding with the state before it (False: exportable)
+    shifted: bool = False  # block heads: DFlash's layout (row i >= 1 predicts its own position; exportable as DFlash)
+    mask_token: int = -1  # block heads: >= 0 = mask rows are the target's embedding of this token (exportable)
     loss: str = "kl"
     kl_temperature: float = 1.0
     gamma: float = 7.0
@@ -190,7 +192,7 @@ class Trainer:
             self.lm.config, cfg, num_taps=cfg.num_taps, num_layers=cfg.num_layers, block_size=cfg.block_size,
             intermediate_size=cfg.intermediate_size or self.lm.config.intermediate_size, target_name=self.lm.name,
             tokenizer_hash=tokenizer_fingerprint(self.lm.tokenizer), draft_vocab=cfg.draft_vocab,
-            tap_norm=cfg.tap_norm, root_in=cfg.root_in)
+            tap_norm=cfg.tap_norm, root_in=cfg.root_in, shifted=cfg.shifted, mask_token=cfg.mask_token)
         self.head = family.new_head(hcfg)
         # confidence rows (logit, realised acceptance, supervision) of the last eval, from families with a
         # confidence head (DSpark): calibrated by temperature scaling at the end of training
@@ -202,13 +204,15 @@ class Trainer:
             if not cfg.init_from:  # a loaded head brings its own d2t
                 self.head.d2t.copy_(frequent_tokens(self.train_seqs, cfg.draft_vocab, self.lm.eos_ids,
                                                     self.lm.config.vocab_size))
+        self.family.init_head(self.head, self.lm)
         if cfg.init_from:
             self._load_init(cfg.init_from)
         self.head.to(self.device)
         self.embed_w = self.lm.model.embed.weight.detach()
         # Teacher and draft over the same vocab: with a draft vocab, the target's distribution
         # renormalised on it (what a draft restricted to it can match at best).
-        self.lm_w = self.head.lm_weight(self.lm.model.lm_head.weight.detach())
+        self.teacher_w = self.head.target_rows(self.lm.model.lm_head.weight.detach())
+        self.lm_w = self.head.lm_weight(self.lm.model.lm_head.weight.detach())  # teacher_w, or the head's own
         params = [p for p in self.head.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.steps_per_epoch = math.ceil(len(self.train_seqs) / cfg.seqs_per_step)
@@ -224,8 +228,9 @@ class Trainer:
             if p.dim() == 2:
                 torch.nn.init.normal_(p, 0.0, 0.02, generator=g)
         # Start the mask embedding at the target's mean token embedding: a neutral input.
-        with torch.no_grad():
-            self.head.mask_emb.copy_(self.lm.model.embed.weight.float().mean(0))
+        if self.head.mask_emb is not None:
+            with torch.no_grad():
+                self.head.mask_emb.copy_(self.lm.model.embed.weight.float().mean(0))
 
     def _load_init(self, path: str) -> None:
         """Start from a saved head; refuse one whose family, shape or target differ (clear error)."""
@@ -270,7 +275,7 @@ class Trainer:
         off = family.target_offset
         idx = (torch.tensor(anchors).view(-1, 1) + torch.arange(off, d + off).view(1, -1))
         idx = idx.clamp(max=len(seq["ids"]) - 1)
-        taps, target = target_features(self.lm, self._states(seq), idx.reshape(-1), self.lm_w)
+        taps, target = target_features(self.lm, self._states(seq), idx.reshape(-1), self.teacher_w)
         target = target.view(*idx.shape, -1)
         sup = sup.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):

@@ -2,7 +2,8 @@
 
 from ..block_drafter import BlockHeadDrafter
 from ..lookup_merge import with_lookup
-from ..registry import DrafterSpec, HeadFamily, register_drafter, register_family
+from ..heads.dflash_format import is_dflash_dir, read_dflash_config, read_dflash_state
+from ..registry import CheckpointFormat, DrafterSpec, HeadFamily, register_drafter, register_family, register_format
 
 
 class DFlash(HeadFamily):
@@ -10,6 +11,8 @@ class DFlash(HeadFamily):
 
 
 register_family(DFlash())
+# z-lab's DFlash layout; a causal one (`dflash_config.causal`) is read as a JetSpec head
+register_format(CheckpointFormat("DFlash", is_dflash_dir, read_dflash_config, read_dflash_state))
 register_drafter(DrafterSpec("dflash", lambda ctx: BlockHeadDrafter.for_family(ctx, "dflash", "dflash", False),
                              family="dflash", tree=False, help="DFlash head, argmax chain"))
 register_drafter(with_lookup(register_drafter(DrafterSpec(

@@ -8,19 +8,12 @@ from ..dspark_drafter import DSparkDrafter
 from ..heads.dspark import DSparkHead
 from ..heads.dspark_format import is_dspark_dir, read_dspark_config, read_dspark_state
 from ..heads.training import dspark_loss, head_hidden
-from ..registry import BuildContext, DrafterSpec, HeadFamily, load_family_head, register_drafter, register_family
+from ..registry import (BuildContext, CheckpointFormat, DrafterSpec, HeadFamily, load_family_head, register_drafter,
+                        register_family, register_format)
 
 
 class DSpark(HeadFamily):
     name, causal, drafter, head_class = "dspark", False, "dspark", DSparkHead
-
-    def load_head(self, path, dtype=torch.float32):
-        """paratree's own head directory, or a checkpoint in DeepSpec's DSpark layout (imported as is)."""
-        if not is_dspark_dir(path):
-            return super().load_head(path, dtype)
-        cfg = read_dspark_config(path)
-        return DSparkHead(cfg).fill(read_dspark_state(path, cfg), dtype,
-                                    f"'{path}': the DSpark weights do not fit its config.json")
 
     def head_config(self, tcfg, train_cfg, **kw):
         hcfg = super().head_config(tcfg, train_cfg, **kw)
@@ -53,5 +46,6 @@ def build(ctx: BuildContext) -> DSparkDrafter:
 
 
 register_family(DSpark())
+register_format(CheckpointFormat("DSpark", is_dspark_dir, read_dspark_config, read_dspark_state))
 register_drafter(DrafterSpec("dspark", build, family="dspark", tree=False,
                              help="DSpark head: Markov chain, confidence-gated length"))

@@ -65,6 +65,13 @@ class BlockHeadConfig:
     # row that is its token's embedding (the context K/V already carry the state before it).
     tap_norm: bool = True  # RMS-normalise each tap before `fc`
     root_in: bool = True  # root row = Linear([norm(emb(root)); fused state before it])
+    # DFlash's block layout (z-lab): row 0, the anchor, only feeds the others; row i >= 1, a mask at
+    # position n+i, predicts the token AT n+i, so one pass drafts block_size - 1 depths (default:
+    # anchor-first, as DSpark's `sample_from_anchor`: row i predicts the token after n+i).
+    shifted: bool = False
+    # >= 0: mask rows are the target's own embedding of this token (the formats' `mask_token_id`)
+    # instead of a learned vector that no engine's checkpoint format can carry.
+    mask_token: int = -1
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -82,8 +89,9 @@ class BlockHeadConfig:
 
     @property
     def depth(self) -> int:
-        """Depths drafted per pass: one per block row (row i predicts depth i+1)."""
-        return self.block_size
+        """Depths drafted per pass: one per block row (row i predicts depth i+1), less the
+        anchor row of a shifted block."""
+        return self.block_size - int(self.shifted)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -154,7 +162,10 @@ class BlockDraftHead(nn.Module):
         h = cfg.target_hidden
         self.fc = nn.Linear(len(cfg.tap_layers) * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, cfg.rms_eps)
-        self.mask_emb = nn.Parameter(torch.zeros(h))
+        if not -1 <= cfg.mask_token < cfg.vocab_size:
+            raise ValueError(f"mask_token {cfg.mask_token} is not a token id of the target (0..{cfg.vocab_size - 1}, "
+                             f"or -1 for a learned mask)")
+        self.mask_emb = nn.Parameter(torch.zeros(h)) if cfg.mask_token < 0 else None
         # root row: [norm(emb(root)); state before it] -> H, or the root's embedding alone
         self.root_in = nn.Linear(2 * h, h, bias=False) if cfg.root_in else None
         self.layers = nn.ModuleList(HeadLayer(cfg) for _ in range(cfg.num_layers))
@@ -165,9 +176,14 @@ class BlockDraftHead(nn.Module):
             self.d2t = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def lm_weight(self, target_lm_weight: torch.Tensor) -> torch.Tensor:
-        """The rows of the target's (frozen) LM head this head predicts over."""
+    def target_rows(self, target_lm_weight: torch.Tensor) -> torch.Tensor:
+        """The target LM head's rows over this head's vocabulary (the teacher's, in training)."""
         return target_lm_weight if self.d2t is None else target_lm_weight[self.d2t]
+
+    def lm_weight(self, target_lm_weight: torch.Tensor) -> torch.Tensor:
+        """The LM-head weight the head's logits come from: the target's frozen rows (heads with an
+        LM head of their own return it)."""
+        return self.target_rows(target_lm_weight)
 
     # -- pieces ------------------------------------------------------------------------
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -212,7 +228,8 @@ class BlockDraftHead(nn.Module):
         h = embed_w.shape[1]
         is_mask = block_tokens < 0
         x = F.embedding(block_tokens.clamp_min(0), embed_w)
-        x = torch.where(is_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        mask = embed_w[self.cfg.mask_token] if self.mask_emb is None else self.mask_emb
+        x = torch.where(is_mask.unsqueeze(-1), mask.to(x.dtype), x)
         if self.root_in is None:
             return x
         n = 1 if root_feat is None else root_feat.shape[1]
@@ -229,6 +246,14 @@ class BlockDraftHead(nn.Module):
         for layer, (ck, cv) in zip(self.layers, ctx_kv):
             x = layer(x, cos, sin, ck, cv, mask)
         return self.norm(x)
+
+    def block_rows(self, depth: int) -> int:
+        """Rows of a block that drafts `depth` depths (a shifted block's anchor row comes on top)."""
+        return depth + int(self.cfg.shifted)
+
+    def depth_states(self, h: torch.Tensor) -> torch.Tensor:
+        """The states (…, rows, H) of a block's rows that predict depths 1, 2, … (drops a shifted anchor)."""
+        return h[..., 1:, :] if self.cfg.shifted else h
 
     def block_mask(self, n_blocks: int, ctx_visible: torch.Tensor) -> torch.Tensor:
         """(n_blocks*B, S + n_blocks*B) bool mask: context visibility per block + in-block pattern."""
@@ -292,7 +317,7 @@ class BlockDraftHead(nn.Module):
             problems.append(f"hidden size {c.target_hidden} != target's {tcfg.hidden_size}")
         if c.vocab_size != tcfg.vocab_size:
             problems.append(f"vocab size {c.vocab_size} != target's {tcfg.vocab_size}")
-        if c.target_layers != tcfg.num_layers:
+        if c.target_layers and c.target_layers != tcfg.num_layers:  # 0: a foreign checkpoint that does not say
             problems.append(f"{c.target_layers} target layers != target's {tcfg.num_layers}")
         fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else ""
         if c.tokenizer_hash and fp and fp != c.tokenizer_hash:

@@ -53,12 +53,16 @@ class EagleHead(BlockDraftHead):
             x = layer(x, cos, sin, pk, pv, mask)
         return self.norm(x), own
 
+    def logits(self, h: torch.Tensor, lm_w: torch.Tensor) -> torch.Tensor:
+        """Draft logits of `run`'s states (already final-normed) over the target's rows lm_w."""
+        return F.linear(h, lm_w.to(h.dtype))
+
     def empty_kv(self, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         e = like.new_zeros(like.shape[0], self.cfg.num_kv_heads, 0, self.cfg.head_dim)
         return [(e, e) for _ in self.layers]
 
 
-def eagle_train_logits(head: EagleHead, taps: torch.Tensor, ids: list[int], embed_w: torch.Tensor,
+def eagle_train_logits(head, taps: torch.Tensor, ids: list[int], embed_w: torch.Tensor,
                        lm_w: torch.Tensor, steps: int) -> list[torch.Tensor]:
     """Training-time test over one sequence: logits (T-1, V) per step j = 1..steps.
 
@@ -73,7 +77,7 @@ def eagle_train_logits(head: EagleHead, taps: torch.Tensor, ids: list[int], embe
     causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
     x = head.step_input(F.embedding(tok[1 : t + 1], embed_w).unsqueeze(0).to(feats.dtype), feats)
     h, k1 = head.run(x, pos, head.empty_kv(feats), causal.view(1, 1, t, t))
-    outs = [F.linear(h[0], lm_w.to(h.dtype))]
+    outs = [head.logits(h[0], lm_w)]
     past = k1
     eye = torch.eye(t, dtype=torch.bool, device=dev)
     for j in range(2, steps + 1):
@@ -82,5 +86,5 @@ def eagle_train_logits(head: EagleHead, taps: torch.Tensor, ids: list[int], embe
         mask = torch.cat([causal] + [eye] * (j - 1), dim=1).view(1, 1, t, j * t)
         h, own = head.run(x, pos + (j - 1), past, mask)
         past = [(torch.cat([pk, ok], 2), torch.cat([pv, ov], 2)) for (pk, pv), (ok, ov) in zip(past, own)]
-        outs.append(F.linear(h[0], lm_w.to(h.dtype)))
+        outs.append(head.logits(h[0], lm_w))
     return outs

@@ -108,7 +108,9 @@ def build_blocks(ids: list[int], anchors: list[int], depth: int, unmask_prob: fl
 
 def head_hidden(head: BlockDraftHead, taps: torch.Tensor, anchors: list[int], block_tokens: torch.Tensor,
                 embed_w: torch.Tensor) -> torch.Tensor:
-    """Final-normed head states (A, D, H) for all anchors of one sequence in one head pass."""
+    """Final-normed head states (A, D, H) at depths 1..D for all anchors of one sequence in one head pass."""
+    if head.cfg.shifted:  # the rows predicting depths 1..D are masks 1..D after the anchor
+        block_tokens = F.pad(block_tokens, (0, 1), value=-1)
     a_n, bs = block_tokens.shape
     t = taps.shape[0]
     ctx = head.fuse(taps.unsqueeze(0))
@@ -121,4 +123,4 @@ def head_hidden(head: BlockDraftHead, taps: torch.Tensor, anchors: list[int], bl
     pos = (anchor_t.view(-1, 1) + torch.arange(bs, device=dev).view(1, -1)).view(1, -1)
     ctx_visible = torch.arange(t, device=dev).view(1, -1) < anchor_t.view(-1, 1)
     mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
-    return head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)
+    return head.depth_states(head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1))
