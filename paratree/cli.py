@@ -382,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gsm8k, humaneval, mt_bench or a .jsonl file; comma-separated list allowed")
     bn.add_argument("--methods", default=None,
                     help="comma-separated: plain, hf, hf-pld, hf-assisted, llama.cpp, llama.cpp-lookup "
-                         "(llama-cpp-python on the same GGUF: scripts/build_llama_cpp.sh) and paratree "
+                         "(llama-cpp-python on the same GGUF: scripts/build_llama_cpp.sh), "
+                         "llama.cpp-eagle3|dflash|dspark@N (an exported head, --head FMT=DIR, in llama.cpp's "
+                         "speculative decoding with N-1 drafts: scripts/build_llama_spec.sh) and paratree "
                          "drafters (name or name@budget); default: all but llama.cpp")
     bn.add_argument("--limit", type=int, default=10, help="prompts per dataset (default 10)")
     bn.add_argument("--max-new-tokens", type=int, default=128)

@@ -550,3 +550,42 @@ def test_auto_sizer_asks_for_about_what_it_keeps(tiny, cache):
     res = Generator(runner, Recording(), budget=256, sizer=sizer).generate(ids, 64)
     assert res.token_ids == plain.token_ids
     assert Recording.asked[0] == 32 and max(Recording.asked[1:]) <= max(8, 2 * max(sizer.kept_nodes))
+
+
+# -- llama.cpp running an exported head (bench/llama_spec.py) -------------------------------------
+LLAMA_SPEC_LOG = """0.03.931.243 I encoded   16 tokens in    0.065 seconds, speed:  247.196 t/s
+0.03.931.243 I decoded   65 tokens in    3.394 seconds, speed:   19.151 t/s
+0.03.931.249 I
+0.03.931.255 I n_draft   = 7
+0.03.931.261 I n_predict = 65
+0.03.931.267 I n_drafted = 140
+0.03.931.272 I n_accept  = 41
+0.03.931.278 I accept    = 29.286%
+"""
+
+
+def test_llama_spec_statistics_give_exact_rounds():
+    """Every round of llama-speculative-simple adds accepted + 1 tokens: rounds = n_predict - n_accept."""
+    from paratree.bench.llama_spec import parse_run
+
+    s = parse_run(LLAMA_SPEC_LOG)
+    assert (s["n_predict"], s["n_drafted"], s["n_accept"], s["rounds"]) == (65, 140, 41, 24)
+    assert s["seconds"] == pytest.approx(0.065 + 3.394)
+
+
+def test_llama_spec_methods_take_a_fixed_draft_length_and_fail_in_one_line(monkeypatch, tmp_path):
+    from paratree.bench.llama_peer import LlamaPeerError
+    from paratree.bench.llama_spec import draft_gguf, llama_tree, parse_run
+
+    specs, _ = expand_methods(["llama.cpp-dflash@8", "dflash@8"], [8])
+    assert [(s.label, s.kind, s.drafter, s.budget) for s in specs][1] == ("llama.cpp-dflash@8", "llama.cpp",
+                                                                          "llama.cpp-dflash", 8)
+    with pytest.raises(ValueError, match="fixed length"):
+        expand_methods(["llama.cpp-eagle3@auto"], [8])
+    monkeypatch.setenv("PARATREE_LLAMA_CPP", str(tmp_path))  # no build there
+    with pytest.raises(LlamaPeerError, match="build_llama_spec.sh"):
+        llama_tree()
+    with pytest.raises(LlamaPeerError, match="not an exported head"):
+        draft_gguf(tmp_path, tmp_path, tmp_path)
+    with pytest.raises(LlamaPeerError, match="printed no n_predict"):
+        parse_run("error: failed to load model\n")

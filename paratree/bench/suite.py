@@ -3,7 +3,9 @@
 Methods: `plain` (own runner, no drafter), `hf` (transformers `generate()` on the same
 converted checkpoint), `hf-pld` (transformers prompt lookup), `hf-assisted` (transformers
 assisted generation, only with `--assistant`), `llama.cpp` and `llama.cpp-lookup` (the same GGUF
-through llama-cpp-python, `bench/llama_peer.py`; only when named), and every paratree drafter in
+through llama-cpp-python, `bench/llama_peer.py`; only when named), `llama.cpp-eagle3|dflash|dspark@N`
+(an exported head in llama.cpp's own speculative decoding, `bench/llama_spec.py`; only when named, with
+`--head FMT=DIR`), and every paratree drafter in
 `paratree.drafters.drafters()` (the registry) at each tree budget (`name@budget` picks one budget; `auto`
 sizes each tree against this machine's calibrated verify cost).
 
@@ -50,6 +52,7 @@ from ..models.runner import TargetRunner
 from ..tree.cost import VerifyCostModel
 from ..verify.warp import SamplingParams
 from .llama_peer import LLAMA_METHODS, LlamaPeer
+from .llama_spec import SPEC_METHODS, LlamaSpec
 from .report import budget_sweep, write_report
 
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
@@ -124,11 +127,17 @@ def expand_methods(methods: list[str] | None, budgets: list[int | str], assistan
             if b:
                 raise ValueError(f"method '{m}': llama.cpp methods take no @budget")
             add(MethodSpec(name, "llama.cpp", name, None))
+        elif name in SPEC_METHODS:  # an exported head in llama.cpp: draft length = budget - 1
+            for bud in ([parse_budget(b)] if b else [x for x in budgets if x != "auto"]):
+                if not isinstance(bud, int) or bud < 2:
+                    raise ValueError(f"method '{m}': llama.cpp drafts a fixed length: give name@N with N >= 2 "
+                                     f"(N - 1 draft tokens)")
+                add(MethodSpec(f"{name}@{bud}", "llama.cpp", name, bud))
         elif name in drafters:
             for bud in ([parse_budget(b)] if b else budgets):
                 add(MethodSpec(f"{name}@{bud}", "paratree", name, bud))
         else:
-            choices = ", ".join(["plain", *HF_METHODS, *LLAMA_METHODS, *drafters])
+            choices = ", ".join(["plain", *HF_METHODS, *LLAMA_METHODS, *SPEC_METHODS, *drafters])
             raise ValueError(f"unknown method '{m}': choose from {choices} (drafters also as name@budget)")
     if "plain" not in seen:
         notes.append("plain added: speedups and greedy mismatches are measured against it")
@@ -298,6 +307,7 @@ class Bench:
         self._hf = None
         self._assistant = None
         self._llama: LlamaPeer | None = None
+        self._llama_spec: LlamaSpec | None = None
         self._runner = None
         self._runner_len = 0
         self.costs = CostService(self.lm, on_calibrate=lambda: self.console.print(
@@ -358,10 +368,24 @@ class Bench:
             self._llama = LlamaPeer(source_gguf(self.lm.path), need, torch.get_num_threads())
         return self._llama
 
+    def llama_spec(self) -> LlamaSpec:
+        if self._llama_spec is None:
+            self._llama_spec = LlamaSpec(source_gguf(self.lm.path), self.lm.path, self.cfg.heads,
+                                         torch.get_num_threads())
+        return self._llama_spec
+
     def run_llama(self, spec: MethodSpec, ids: list[int], i: int, need: int, max_new: int | None = None):
+        max_new = max_new or self.cfg.max_new_tokens
+        if spec.drafter in SPEC_METHODS:
+            if self.cfg.temperature > 0:
+                raise ValueError(f"{spec.label} runs greedy only (llama-speculative-simple at --temp 0)")
+            text = self.lm.tokenizer.decode(ids, skip_special_tokens=False)
+            out, stats = self.llama_spec().generate(spec.drafter, int(spec.budget), text, max_new, need)
+            new = self.lm.tokenizer.encode(out, add_special_tokens=False)[:max_new]
+            return new, stats["seconds"], stats["rounds"], None
         peer = self.llama(need)
         t = time.perf_counter()
-        new = peer.generate(spec.drafter, ids, max_new or self.cfg.max_new_tokens, self.lm.eos_ids,
+        new = peer.generate(spec.drafter, ids, max_new, self.lm.eos_ids,
                             self.cfg.temperature, self.cfg.seed + i)
         return new, time.perf_counter() - t, 0, None
 
@@ -415,8 +439,9 @@ def summarize(spec: MethodSpec, dataset: str, runs: _Runs, cfg: BenchConfig, n_p
         "warmup_excluded": len(reps) >= 2,
         "new_tokens": last["tokens"],
         "target_forwards": last["forwards"],
-        # llama.cpp does not expose its forward count
-        "tokens_per_forward": None if spec.kind == "llama.cpp" else last["tokens"] / max(1, last["forwards"]),
+        # llama-cpp-python does not expose its forward count; llama-speculative-simple's statistics do
+        "tokens_per_forward": None if spec.kind == "llama.cpp" and not last["forwards"] else
+        last["tokens"] / max(1, last["forwards"]),
         "tokens_per_s": statistics.median(tps),
         "tokens_per_s_repeats": tps,
         "wall_s": last["seconds"],
@@ -457,6 +482,8 @@ def summarize(spec: MethodSpec, dataset: str, runs: _Runs, cfg: BenchConfig, n_p
         )
         if runs.proposed:
             row["mean_proposed_size"] = statistics.fmean(runs.proposed)
+    if spec.drafter in SPEC_METHODS:  # rounds counted from llama.cpp's own statistics
+        row.update(tau=row["tokens_per_forward"], rounds=last["forwards"])
     return row
 
 

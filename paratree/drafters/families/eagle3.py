@@ -36,10 +36,10 @@ class Eagle3(Eagle):
                 f"{cfg['block_size']} training-time-test steps")
 
 
-def build(ctx: BuildContext) -> EagleDrafter:
-    head, _ = load_family_head(ctx, "eagle3", "eagle3")
+def build(ctx: BuildContext, name: str = "eagle3", width: int = 4) -> EagleDrafter:
+    head, _ = load_family_head(ctx, "eagle3", name)
     lm = ctx.lm
-    return EagleDrafter(head, lm.model.embed, lm.model.lm_head.weight, name="eagle3", width=min(ctx.width, 4),
+    return EagleDrafter(head, lm.model.embed, lm.model.lm_head.weight, name=name, width=min(ctx.width, width),
                         **ctx.options)
 
 
@@ -47,3 +47,5 @@ register_family(Eagle3())
 register_format(CheckpointFormat("EAGLE-3", is_eagle3_dir, read_eagle3_config, read_eagle3_state))
 register_drafter(DrafterSpec("eagle3", build, family="eagle3",
                              help="EAGLE-3 head in the engines' format: chain + top-k siblings per depth"))
+register_drafter(DrafterSpec("eagle3-chain", lambda ctx: build(ctx, "eagle3-chain", 1), family="eagle3", tree=False,
+                             help="EAGLE-3 head, greedy chain (what llama.cpp's draft-eagle3 drafts)"))

@@ -123,4 +123,5 @@ def head_hidden(head: BlockDraftHead, taps: torch.Tensor, anchors: list[int], bl
     pos = (anchor_t.view(-1, 1) + torch.arange(bs, device=dev).view(1, -1)).view(1, -1)
     ctx_visible = torch.arange(t, device=dev).view(1, -1) < anchor_t.view(-1, 1)
     mask = head.block_mask(a_n, ctx_visible).view(1, 1, a_n * bs, t + a_n * bs)
-    return head.depth_states(head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1))
+    # contiguous: a sliced (shifted) 3-D input makes F.linear a bmm that copies the LM head per anchor
+    return head.depth_states(head.forward_blocks(x, pos, kv, mask).view(a_n, bs, -1)).contiguous()
