@@ -160,7 +160,7 @@ def test_speculative_sampling_matches_plain_distribution_on_default_model(prompt
 
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter,n_prompts,min_tau", [("jetspec", 4, 1.7), ("jetspec-pc", 2, 1.6), ("ddtree", 2, 1.6),
-                                                      ("eagle", 3, 1.5), ("dspark", 2, 1.3),
+                                                      ("eagle", 3, 1.5), ("eagle3", 3, 1.4), ("dspark", 2, 1.3),
                                                       ("jetspec+ngram", 3, 2.0)])
 def test_shipped_head_is_lossless_and_accepted_on_gsm8k_test(drafter, n_prompts, min_tau):
     """Every head that ships for the default model: fp32 greedy == plain on unseen GSM8K test prompts

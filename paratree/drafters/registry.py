@@ -109,6 +109,8 @@ class HeadFamily:
         return fn(draft, target, sup), None
 
     # -- model card ------------------------------------------------------------------------
+    card_shares = "shares the target's embedding and LM head"  # what the head borrows from its target
+
     def card_architecture(self, cfg: dict) -> str:
         return (f"block size {cfg['block_size']} ({cfg['block_size']} depths per pass), "
                 f"{'block-causal' if cfg['causal'] else 'bidirectional'} block attention")

@@ -28,8 +28,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op; low-precision inputs are normalised in fp32 inside it.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # One fused op; low-precision inputs are normalised in fp32 inside it. Under autocast
+        # (head training: bf16 activations, fp32 weights) the weight is cast to the input's dtype,
+        # else torch falls back to its slow unfused path (the grad still reaches the fp32 weight).
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

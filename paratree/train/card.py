@@ -24,7 +24,7 @@ def write_model_card(head_dir: str | Path, train_command: str, data_command: str
         "",
         f"- Architecture: {cfg['num_layers']} layer(s), hidden {cfg['target_hidden']}, "
         + family.card_architecture(cfg)
-        + f", taps from target layers {cfg['tap_layers']}, shares the target's embedding and LM head"
+        + f", taps from target layers {cfg['tap_layers']}, {family.card_shares}"
         + (f" (predicts over a {cfg['draft_vocab']}-token draft vocab: the most frequent tokens of the "
            f"training responses, mapped back to target ids)." if cfg.get("draft_vocab") else "."),
         f"- Parameters: {summary['head_params'] / 1e6:.2f} M; file: head.safetensors, bf16, {size_mb:.1f} MB.",

@@ -14,6 +14,7 @@ from .eagle import Eagle
 
 class Eagle3(Eagle):
     name, drafter, head_class = "eagle3", "eagle3", Eagle3Head
+    card_shares = "shares the target's embedding, has its own LM head"
 
     def head_config(self, tcfg, train_cfg, **kw):
         if kw.get("num_layers", 1) != 1:
