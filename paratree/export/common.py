@@ -30,9 +30,11 @@ def _card_lines(head_dir) -> str:
     card = Path(head_dir) / "MODEL_CARD.md"
     if not card.is_file():
         return ""
-    keep = [ln for ln in card.read_text().splitlines()
-            if any(k in ln for k in ("paratree train", "τ", "tau", "Data", "data:"))]
-    return "\n## From the head's model card\n\n" + "\n".join(keep[:12]) + "\n" if keep else ""
+    lines = card.read_text().splitlines()
+    keep = [f"Training: `{ln.strip()}`" for ln in lines if ln.startswith("paratree train")]
+    keep += [ln for ln in lines if "held-out" in ln]
+    keep += [""] + [ln for ln in lines if ln.startswith("|")]  # the measured table (τ, tokens/s)
+    return "\n## From the head's model card\n\n" + "\n".join(keep) + "\n" if len(keep) > 1 else ""
 
 
 def write_checkpoint(out_dir, tensors: dict, config: dict, head_dir, fmt: str, details: str) -> Path:
