@@ -172,6 +172,22 @@ def test_a_broken_dspark_checkpoint_is_one_clear_error(tiny_ckpts, tmp_path):
         make_drafter("dspark", lm, head_path=str(d))
 
 
+def _decode_both(lm, drafter: str, head_dir, exported, budget: int):
+    """Greedy runs of `drafter` with the head and with its exported checkpoint read back by `--head DIR`:
+    asserts the same drafts and the same output as plain decoding; returns both results."""
+    from paratree.drafters import NoDrafter, make_drafter
+    from paratree.engine.generate import Generator
+
+    runner = TargetRunner(lm.model, max_len=128)
+    prompt = list(range(5, 19))
+    plain = Generator(runner, NoDrafter()).generate(prompt, 32)
+    runs = [Generator(runner, make_drafter(drafter, lm, head_path=str(d)), budget=budget).generate(prompt, 32)
+            for d in (head_dir, exported)]
+    assert runs[0].token_ids == runs[1].token_ids == plain.token_ids
+    assert runs[0].tree_sizes == runs[1].tree_sizes and runs[0].accept_depths == runs[1].accept_depths
+    return runs
+
+
 # -- DFlash -------------------------------------------------------------------------------------
 def _dflash_head(tcfg, seed=0, causal=False, **kw) -> BlockDraftHead:
     """A block head in DFlash's layout (shifted rows, the target's embedding of a mask token, full
@@ -227,8 +243,7 @@ def test_dflash_export_refuses_each_difference_by_name(tiny64, tmp_path):
 def test_a_dflash_layout_head_trains_exports_and_imports_to_the_same_drafts(tiny_ckpts, tmp_path):
     """`shifted: true` + `mask_token` train (configs/dflash_export_smollm2.yaml); the exported
     checkpoint, read back by `--head DIR`, proposes the same chains and decodes exactly as plain."""
-    from paratree.drafters import NoDrafter, drafter_for_head, make_drafter
-    from paratree.engine.generate import Generator
+    from paratree.drafters import drafter_for_head
     from paratree.train.trainer import Trainer, TrainConfig
     from test_train import _sequences
 
@@ -241,13 +256,7 @@ def test_a_dflash_layout_head_trains_exports_and_imports_to_the_same_drafts(tiny
     head_dir = tmp_path / "run" / "head"
     out = export_head(head_dir, "dflash", tmp_path / "out", lm=lm)
     assert drafter_for_head(out) == drafter_for_head(head_dir) == "ddtree"
-    runner = TargetRunner(lm.model, max_len=128)
-    prompt = list(range(5, 19))
-    plain = Generator(runner, NoDrafter()).generate(prompt, 32)
-    runs = [Generator(runner, make_drafter("dflash", lm, head_path=str(d)), budget=5).generate(prompt, 32)
-            for d in (head_dir, out)]
-    assert runs[0].token_ids == runs[1].token_ids == plain.token_ids
-    assert runs[0].tree_sizes == runs[1].tree_sizes and runs[0].accept_depths == runs[1].accept_depths
+    runs = _decode_both(lm, "dflash", head_dir, out, budget=5)
     assert max(runs[0].tree_sizes) == 5  # root + block_size - 1 drafts
 
 
@@ -306,8 +315,7 @@ def test_an_eagle3_head_trains_exports_and_imports_to_the_same_drafts(tiny_ckpts
     """configs/eagle3_smollm2.yaml's family on a tiny target: trained by training-time test, its
     draft LM head moves away from the target's rows, the export reads back as the same drafts, and
     decoding is lossless."""
-    from paratree.drafters import NoDrafter, drafter_for_head, make_drafter
-    from paratree.engine.generate import Generator
+    from paratree.drafters import drafter_for_head
     from paratree.train.trainer import Trainer, TrainConfig
     from test_train import _sequences
 
@@ -324,10 +332,4 @@ def test_an_eagle3_head_trains_exports_and_imports_to_the_same_drafts(tiny_ckpts
     assert drafter_for_head(out) == drafter_for_head(head_dir) == "eagle3"
     trained = load_file(str(out / "model.safetensors"))["lm_head.weight"]
     assert not torch.allclose(trained, start.to(trained.dtype))
-    runner = TargetRunner(lm.model, max_len=128)
-    prompt = list(range(5, 19))
-    plain = Generator(runner, NoDrafter()).generate(prompt, 32)
-    runs = [Generator(runner, make_drafter("eagle3", lm, head_path=str(d)), budget=6).generate(prompt, 32)
-            for d in (head_dir, out)]
-    assert runs[0].token_ids == runs[1].token_ids == plain.token_ids
-    assert runs[0].tree_sizes == runs[1].tree_sizes and runs[0].accept_depths == runs[1].accept_depths
+    _decode_both(lm, "eagle3", head_dir, out, budget=6)
