@@ -13,6 +13,17 @@ from ..drafters.registry import head_family_of, read_head_config
 from ..models.loader import load_model
 
 
+def backbone_refusals(cfg) -> list[str]:
+    """What keeps a block head from the DFlash/DSpark backbone's function (both formats read raw taps
+    into fc, and their anchor row is the anchor's embedding)."""
+    out = []
+    if cfg.tap_norm:
+        out.append("it RMS-normalises each tap before fc (train with tap_norm: false)")
+    if cfg.root_in:
+        out.append("its root row mixes the root's embedding with the state before it (train with root_in: false)")
+    return out
+
+
 def load_for_export(head_dir, fmt: str, refusals, lm=None):
     """(head in fp32, its target, head config); ValueError if `refusals(cfg)` names anything."""
     cfg = read_head_config(head_dir)

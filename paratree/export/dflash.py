@@ -14,17 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..drafters.heads.dflash_format import to_dflash
-from .common import load_for_export, write_checkpoint
+from .common import backbone_refusals, load_for_export, write_checkpoint
 
 
 def refusals(cfg) -> list[str]:
     out = []
     if cfg.family not in ("dflash", "jetspec"):
         out.append(f"it is a {cfg.family} head (the format holds a DFlash or JetSpec block head)")
-    if cfg.tap_norm:
-        out.append("it RMS-normalises each tap before fc (train with tap_norm: false)")
-    if cfg.root_in:
-        out.append("its root row mixes the root's embedding with the state before it (train with root_in: false)")
+    out += backbone_refusals(cfg)
     if not cfg.shifted:
         out.append("its row i predicts the token after position n+i; DFlash's slot i predicts the token at n+i "
                    "(train with shifted: true)")

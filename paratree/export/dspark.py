@@ -20,17 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..drafters.heads.dspark_format import to_dspark
-from .common import load_for_export, write_checkpoint
+from .common import backbone_refusals, load_for_export, write_checkpoint
 
 
 def refusals(cfg) -> list[str]:
     out = []
     if cfg.family != "dspark":
         out.append(f"it is a {cfg.family} head (the format needs a DSpark head: Markov + confidence heads)")
-    if cfg.tap_norm:
-        out.append("it RMS-normalises each tap before fc (train with tap_norm: false)")
-    if cfg.root_in:
-        out.append("its root row mixes the root's embedding with the state before it (train with root_in: false)")
+    out += backbone_refusals(cfg)
     if cfg.causal:
         out.append("its block attention is causal (DSpark blocks are bidirectional)")
     if cfg.shifted:
