@@ -45,9 +45,10 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run single-sequence verify through TorchInductor: faster steps after a one-off "
                         "compile of ~1 min per graph (needs a C++ compiler); see docs/benchmarks.md")
-    p.add_argument("--exact", action="store_true",
-                   help="--dtype gguf, eager: tree and batched verify equal plain decoding bit for bit "
-                        "(row-invariant attention; slower steps for now, see docs/benchmarks.md)")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
+                   help="--dtype gguf: speculative, batched and plain decoding give bit-identical output "
+                        "(row-invariant attention). Default: on with --compile (~6%% a step), off eagerly "
+                        "(~2x a step there); see docs/benchmarks.md")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paratree.models.transformer import KEY_CHUNK, row_invariant_attention
+from paratree.models.attention import KEY_CHUNK, row_invariant_attention
 from paratree.tree.draft_tree import DraftTree
 from test_runner import trees
 
@@ -53,7 +53,7 @@ def gguf_lm(default_ckpt):
     from paratree.models.transformer import linear_kernels
 
     lm = load_model(None, "gguf", exact=True)
-    assert all(layer.attn.row_invariant for layer in lm.model.layers)
+    assert lm.model.exact
     assert linear_kernels(lm.model)[0] == "int4-exact"  # its own calibration profile
     return lm
 
@@ -63,6 +63,24 @@ def _steps(runner, prefix, tokens):
     runner.reset()
     runner.prefill(prefix)
     return [runner.step(t) for t in tokens]
+
+
+def _check_tree(runner, ref, prefix, tree, leaf, taps=()):
+    """Every node of `tree` verified after `prefix` equals plain decoding of its path, and the cache after
+    committing the path to `leaf` equals plain decoding's (`torch.equal`). Returns the mismatching nodes."""
+    runner.reset()
+    runner.prefill(prefix)
+    out = runner.verify(tree, taps=taps).logits
+    bad = [i for i in range(tree.num_nodes)
+           if not torch.equal(out[i], _steps(ref, prefix, tree.tokens[tree.path_to(i)].tolist())[-1])]
+    path = tree.path_to(leaf)
+    runner.commit(path)
+    _steps(ref, prefix, tree.tokens[path].tolist())
+    n = len(prefix) + len(path)
+    assert runner.lengths[0] == ref.lengths[0] == n
+    if not (torch.equal(runner.k[:, :, :, :n], ref.k[:, :, :, :n]) and torch.equal(runner.v[:, :, :, :n], ref.v[:, :, :, :n])):
+        bad.append("cache")
+    return bad
 
 
 def test_tree_nodes_equal_plain_decoding_of_their_paths_and_commit_equals_its_cache(gguf_lm):
@@ -75,22 +93,74 @@ def test_tree_nodes_equal_plain_decoding_of_their_paths_and_commit_equals_its_ca
     @settings(max_examples=8, deadline=None)
     @given(trees(lm.config.vocab_size))
     def check(case):
-        tree, leaf = case
-        runner.reset()
-        runner.prefill(prefix)
-        out = runner.verify(tree).logits
-        for i in range(tree.num_nodes):
-            path = tree.tokens[tree.path_to(i)].tolist()
-            assert torch.equal(out[i], _steps(ref, prefix, path)[-1]), f"node {i} of {tree.num_nodes}"
-        path = tree.path_to(leaf)
-        runner.commit(path)
-        _steps(ref, prefix, tree.tokens[path].tolist())
-        n = len(prefix) + len(path)
-        assert runner.lengths[0] == ref.lengths[0] == n
-        assert torch.equal(runner.k[:, :, :, :n], ref.k[:, :, :, :n])
-        assert torch.equal(runner.v[:, :, :, :n], ref.v[:, :, :, :n])
+        assert _check_tree(runner, ref, prefix, *case) == []
 
     check()
+
+
+def test_the_check_catches_a_runtime_that_is_not_row_invariant(default_ckpt):
+    """The same check on the same model with SDPA attention (not row-invariant) finds differing nodes:
+    the exactness tests can fail."""
+    from paratree.models.loader import load_model
+    from paratree.models.runner import TargetRunner
+
+    lm = load_model(None, "gguf", tokenizer=False, exact=False)
+    assert not lm.model.exact
+    runner, ref = TargetRunner(lm.model, max_len=256), TargetRunner(lm.model, max_len=256)
+    prefix = torch.randint(0, lm.config.vocab_size, (70,), generator=torch.Generator().manual_seed(1)).tolist()
+    tree = DraftTree(torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([-1, 0, 0, 1, 2, 4]), torch.tensor([0, 1, 1, 2, 2, 3]))
+    assert _check_tree(runner, ref, prefix, tree, 5)
+
+
+def int4_model(ckpt):
+    """A tiny random checkpoint with every decoder linear on the int4 kernel (round-to-nearest group-32
+    codes of its weights) and the LM head packed as on the real model: an exact-capable model of any
+    family, small enough to compile in the test suite."""
+    from paratree.models.loader import load_model
+    from paratree.models.quant import GROUP, Int4Linear
+    from paratree.models.transformer import PackedLinear
+
+    lm = load_model(str(ckpt), "bf16", tokenizer=False, pack=False)
+    for layer in lm.model.layers:
+        for parent in (layer.attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                w = lin.weight.detach().float().view(lin.out_features, -1, GROUP)
+                lo, hi = w.amin(-1), w.amax(-1)
+                scale = ((hi - lo) / 15).clamp_min(1e-8)
+                codes = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+                setattr(parent, name, Int4Linear.from_codes(codes.view(lin.out_features, -1), scale, lo, lin.bias))
+    lm.model.lm_head_packed = PackedLinear(lm.model.lm_head, None)
+    lm.model.exact = True
+    return lm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_compiled_exact_runtime_tree_nodes_equal_compiled_plain_steps(tiny_ckpts, arch):
+    """`--compile` on the exact runtime: one graph for the one-token step and one for every tree size
+    (models/compiled.py). Trees at prefix lengths around block boundaries, with taps, equal plain steps."""
+    from paratree.models.compiled import CompiledDecoder, compiler_available
+    from paratree.models.runner import TargetRunner
+
+    if not compiler_available():
+        pytest.skip("no C++ compiler for TorchInductor")
+    lm = int4_model(tiny_ckpts[arch])
+    lm.model.compiled = CompiledDecoder(lm.model)
+    runner, ref = TargetRunner(lm.model, max_len=320), TargetRunner(lm.model, max_len=320)
+    runner.warmup((0,))
+    gen = torch.Generator().manual_seed(4)
+    calls = lm.model.compiled.calls
+
+    @settings(max_examples=12, deadline=None)
+    @given(trees(lm.config.vocab_size), st.sampled_from([1, 63, 64, 65, 120, 127, 128, 200]))
+    def check(case, n_prefix):
+        prefix = torch.randint(0, lm.config.vocab_size, (n_prefix,), generator=gen).tolist()
+        assert _check_tree(runner, ref, prefix, *case, taps=(0, 1)) == []
+
+    check()
+    assert lm.model.compiled.failed is None and lm.model.compiled.calls > calls  # the graphs ran
 
 
 def test_chunked_prefill_equals_whole_prefill(gguf_lm):
@@ -156,8 +226,6 @@ def test_exact_refuses_what_it_cannot_make_exact(tiny_ckpts):
 
     with pytest.raises(ValueError, match="needs --dtype gguf"):
         load_model(str(tiny_ckpts["llama"]), "bf16", tokenizer=False, exact=True)
-    with pytest.raises(ValueError, match="drop --compile"):
-        load_model(None, "gguf", tokenizer=False, exact=True, compile=True)
 
 
 @pytest.mark.slow

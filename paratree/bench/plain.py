@@ -39,7 +39,7 @@ def _hf_model(path, dtype):
 
 
 def run_bench_plain(model: str | None, dtype: str, max_new_tokens: int, repeats: int, prompt: str,
-                    compile: bool = False, exact: bool = False) -> dict:
+                    compile: bool = False, exact: bool | None = None) -> dict:
     console = Console()
     lm = load_model(model, dtype, compile=compile, exact=exact)
     pipe = Pipeline(lm, drafter="plain")

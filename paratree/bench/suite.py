@@ -167,7 +167,7 @@ class BenchConfig:
     command: str | None = None  # the command line, for the report
     heads: dict[str, str] | None = None  # trained head dirs: drafter name or head family -> dir; "*" = any
     compile: bool = False  # single-sequence verify through TorchInductor (models/compiled.py), for every method
-    exact: bool = False  # gguf's row-invariant attention: speculative == plain bit for bit
+    exact: bool | None = None  # gguf's row-invariant attention: speculative == plain bit for bit
 
     def resolved(self) -> "BenchConfig":
         c = BenchConfig(**self.__dict__)

@@ -49,7 +49,7 @@ class Pipeline:
                                    sizer=sizer)
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: str = "auto", compile: bool = False, exact: bool = False,
+    def load(cls, model: str | None = None, dtype: str = "auto", compile: bool = False, exact: bool | None = None,
              **kw) -> "Pipeline":
         return cls(load_model(model, dtype, compile=compile, exact=exact), **kw)
 

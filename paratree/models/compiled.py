@@ -33,6 +33,7 @@ import warnings
 import torch
 
 from . import transformer
+from .attention import KEY_CHUNK, exact_attention, plan_attention, visibility
 from .transformer import Transformer
 
 
@@ -52,7 +53,15 @@ class CompiledDecoder:
         # Single-query bf16 SDPA is slow on CPU (see Attention.forward); here the upcast is fused
         # into the prefix copy, so every row count takes it.
         self.attn_dtype = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
-        self._compiled = torch.compile(self._core, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+        self.exact = bool(getattr(model, "exact", False))
+        if self.exact:  # one graph with marked dynamic sizes (see _call_exact)
+            # emulate_precision_casts: a fused kernel rounds each intermediate to its dtype as eager does.
+            # Without it, the new keys fed to this forward's own attention stayed fp32 inside the graph
+            # while the cache (what later steps read) got them rounded to bf16: every tree node differed.
+            self._compiled = torch.compile(self._core_exact, dynamic=None, fullgraph=True,
+                                           options={"cpp_wrapper": True, "emulate_precision_casts": True})
+        else:
+            self._compiled = torch.compile(self._core, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
         self.failed: str | None = None
         self._warm: set[tuple[int, ...]] = set()
         # Forwards run through the graph, warm-up excluded: they bypass the module's forward hooks,
@@ -65,10 +74,20 @@ class CompiledDecoder:
         Why: a compile inside a timed round (~50 s) poisons everything that learns from measured
         round times (the draft gate, benchmarks). Sizes avoid 0 and 1, which Dynamo would
         specialise on, so the graphs built here serve every later prefix and tree size."""
-        taps = tuple(taps)
+        taps = () if self.exact else tuple(taps)  # the exact graph returns every layer's residual
         if taps in self._warm or self.failed is not None:
             return
         cfg, dt = self.model.cfg, next(self.model.parameters()).dtype
+        if self.exact:  # sizes all distinct and >= 2, so none is specialised: T 5, 3 common + 2 tail blocks
+            shape = (cfg.num_layers, 1, cfg.num_kv_heads, 4 * KEY_CHUNK + 8, cfg.head_dim)
+            k, v = torch.zeros(shape), torch.zeros(shape)
+            start, n = 3 * KEY_CHUNK + 7, 5
+            self(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[start]]), k, v, start, None, ())
+            self(torch.zeros(1, n, dtype=torch.long), torch.arange(start, start + n).view(1, n), k, v, start,
+                 torch.ones(1, 1, n, start + n, dtype=torch.bool).tril(start), ())
+            self.calls -= 2
+            self._warm.add(taps)
+            return
         shape = (cfg.num_layers, 1, cfg.num_kv_heads, 16, cfg.head_dim)
         # Made outside inference mode, like a runner's cache: Dynamo guards on the dispatch keys.
         k, v = torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt)
@@ -123,12 +142,52 @@ class CompiledDecoder:
         logits = head(m.norm(x))
         return logits, torch.stack(new_k), torch.stack(new_v), (torch.cat(tapped, dim=-1) if tapped else None)
 
+    def _core_exact(self, tokens, cos, sin, k, v, common_ok, tail_src, tail_ok):
+        """The exact runtime's forward: `exact_attention` on a plan given as tensors, new keys read from the
+        graph's own outputs. It returns every layer's residual (the caller picks the taps), so plain
+        decoding and every drafter run this one graph: no second compilation to round differently."""
+        m = self.model
+        plan = transformer.AttentionPlan(common_ok, tail_src, tail_ok)
+        x = m.embed(tokens)
+        new_k, new_v, resid = [], [], []
+        for i, layer in enumerate(m.layers):
+            a = layer.attn
+            q, kn, vn = a.project(layer.attn_norm(x), cos, sin)
+            x = x + a.out(exact_attention(q, k[i], v[i], plan, kn, vn), x.dtype)
+            x = x + layer.mlp(layer.mlp_norm(x))
+            new_k.append(kn)
+            new_v.append(vn)
+            resid.append(x)
+        head = getattr(m, "lm_head_packed", None) or m.lm_head
+        logits = head(m.norm(x))
+        return logits, torch.stack(new_k), torch.stack(new_v), torch.stack(resid)
+
+    def _call_exact(self, tokens, positions, k_cache, v_cache, start: int, mask, taps):
+        """Two graphs: the one-token step (its size 1 is specialised) and one for every tree size. The plan
+        has >= 2 blocks of each kind and its sizes are marked dynamic, so no later call recompiles."""
+        t = tokens.shape[1]
+        m = k_cache.shape[3]
+        vis = visibility(mask, 1, t, start + t)
+        plan = plan_attention(vis, start, new_at=(start, m), min_blocks=2)
+        if plan.common_ok.shape[2] * KEY_CHUNK > m:
+            return None  # a cache shorter than the plan's 2 blocks: eager
+        cos, sin = self.model.rope(positions, self.model.embed.weight.dtype)
+        args = (tokens, cos, sin, k_cache, v_cache, plan.common_ok, plan.tail_src, plan.tail_ok)
+        dims = ((1,), (2,), (2,), (3,), (3,), (1, 2), (1, 2), (1, 2)) if t > 1 else \
+            ((), (), (), (3,), (3,), (2,), (2,), (2,))
+        for a, ds in zip(args, dims):
+            for d in ds:
+                torch._dynamo.mark_dynamic(a, d)
+        logits, nk, nv, resid = self._compiled(*args)
+        tapped = torch.cat([resid[i] for i in taps], -1) if taps else None
+        return logits, nk, nv, tapped
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  start: int, mask: torch.Tensor | None, taps: tuple[int, ...] = ()):
         """Like `Transformer.forward` with slots [start, start + T), or None where it must run eagerly.
 
         `k_cache`/`v_cache`: (layers, 1, kv_heads, max_len, head_dim); they get the new K/V."""
-        if self.failed is not None or start < 1 or tokens.shape[0] != 1:
+        if self.failed is not None or (start < 1 and not self.exact) or tokens.shape[0] != 1:
             return None
         n = tokens.shape[1]
         try:
@@ -137,8 +196,14 @@ class CompiledDecoder:
                 # a drafter's tokens (made outside inference mode) would otherwise compile a second graph.
                 tokens = tokens.clone()
                 mask = None if mask is None else mask.clone()
-                cos, sin = self.model.rope(positions, self.model.embed.weight.dtype)
-                logits, nk, nv, tapped = self._fn(tokens, cos, sin, k_cache, v_cache, start, mask, tuple(taps))
+                if self.exact:
+                    out = self._call_exact(tokens, positions, k_cache, v_cache, start, mask, tuple(taps))
+                    if out is None:
+                        return None
+                    logits, nk, nv, tapped = out
+                else:
+                    cos, sin = self.model.rope(positions, self.model.embed.weight.dtype)
+                    logits, nk, nv, tapped = self._fn(tokens, cos, sin, k_cache, v_cache, start, mask, tuple(taps))
         except Exception as e:  # a broken toolchain must not end generation: fall back, once, loudly
             self.failed = f"{type(e).__name__}: {e}"
             warnings.warn(f"torch.compile failed, running eagerly from now on ({self.failed.splitlines()[0]})")

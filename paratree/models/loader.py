@@ -333,12 +333,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", tokenizer: bool = True,
-               pack: bool = True, compile: bool = False, exact: bool = False) -> LoadedModel:
+               pack: bool = True, compile: bool = False, exact: bool | None = None) -> LoadedModel:
     """Load a target model by spec into paratree's own runner format (tokenizer optional for bare checkpoints).
 
     `compile`: single-sequence verify runs through TorchInductor (`models/compiled.py`), calling
-    the same packed linears. `exact` (gguf only, eager): row-invariant attention too, so tree verify,
-    batched verify and chunked prefill equal plain decoding bit for bit (~1.2x a plain step today)."""
+    the same packed linears. `exact` (gguf only; None = on where it costs little, i.e. with `compile`):
+    row-invariant attention too, so tree verify, batched verify and chunked prefill equal plain decoding
+    bit for bit (eagerly its ~20 small ops a layer cost ~2x a plain step; compiled, ~6%)."""
     dtype = dtype_name(dtype, spec)
     dt = parse_dtype(dtype)
     name, ckpt = checkpoint_dir(spec)
@@ -349,9 +350,6 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         if gguf is None:
             raise UnsupportedModelError(f"--dtype gguf needs a GGUF model; '{name}' is a dense checkpoint "
                                         "(use bf16, fp32 or fp64)")
-    if exact and compile:
-        raise ValueError("--exact runs eagerly: TorchInductor builds the one-token step and tree verify as "
-                         "different graphs; drop --compile")
     if exact and gguf is None:
         raise ValueError("--exact needs --dtype gguf: only the int4 kernel's rows do not depend on the row "
                          "count (bf16/fp32 GEMMs change their blocking with it)")
@@ -377,8 +375,8 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
         if exact and model.weight_counts["dense"]:
             raise ValueError(f"--exact needs every linear on the int4 kernel; {name} has "
                              f"{model.weight_counts['dense']} de-quantised ones")
-        for layer in model.layers:  # with every linear row-invariant, --exact makes attention so too
-            layer.attn.row_invariant = exact
+        # with every linear row-invariant, exact attention makes the whole forward so
+        model.exact = (compile if exact is None else exact) and not model.weight_counts["dense"]
     del sd
     if compile:
         model.compiled = CompiledDecoder(model)

@@ -37,8 +37,11 @@ class TargetRunner:
         self.max_len = int(max_len or cfg.max_position)
         self.batch_size = batch_size
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype)
-        self.v = torch.zeros(shape, dtype=self.dtype)
+        # The exact runtime attends in fp32: its cache holds the bf16 keys exactly, upcast once when written
+        # instead of once per layer and step when read.
+        cache_dtype = torch.float32 if getattr(model, "exact", False) else self.dtype
+        self.k = torch.zeros(shape, dtype=cache_dtype)
+        self.v = torch.zeros(shape, dtype=cache_dtype)
         self.lengths = [0] * batch_size
         self._last_tree_size = [0] * batch_size
 

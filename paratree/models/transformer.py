@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import AttentionPlan, exact_attention, plan_attention, visibility
 from .config import ModelConfig
 from .kernels import KernelRoute, fp32_route
 
@@ -40,133 +41,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-KEY_CHUNK = 64  # keys per block of the row-invariant attention
-
-
-def row_invariant_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
-                            mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention in fp32 whose every query row comes out bit-identical to what plain decoding
-    computes for that token: however many other rows the call carries, wherever in the cache its
-    tree ancestors sit, and however many keys past its own the cache holds.
-
-    q (B, nh, T, hd); keys, vals (B, nkv, L, hd); mask (B, 1, T, L) bool or None (all visible).
-    Returns (B, nh, T, hd) fp32. Why it is invariant (tests/test_exact.py):
-    - keys are taken in blocks of KEY_CHUNK at fixed logical positions (multiples of 64 from
-      position 0), zero-padded; every GEMM multiplies one block with at least 2 query rows (BLAS
-      runs a 1-row product as a GEMV, with another summation order; from 2 rows on, a row's
-      result does not depend on the row count);
-    - the row max is order-free; a block's row sum runs over a fixed 64 elements, each key at
-      its logical position in the block;
-    - block results are added in block order by `cumsum`, a sequential scan: blocks a row cannot
-      see add exact zeros;
-    - a branching tree's node sees its ancestors at scattered cache slots, where plain decoding
-      had them side by side: its last blocks are gathered into logical order (`_tree_rows`).
-    SDPA's kernels choose their blocking from T and L, so there a tree node and the same token
-    decoded alone round differently."""
-    b, _, t, _ = q.shape
-    vis, contiguous = _visibility(mask, b, t, keys.shape[2])
-    if contiguous:
-        s, v_blocks, _ = _blocks(q, keys, vals, vis, 0)
-        return _combine(s, v_blocks, None, None)[:, :, :t]
-    return torch.cat([_tree_rows(q[i:i + 1], keys[i:i + 1], vals[i:i + 1], vis[i:i + 1]) for i in range(b)])
-
-
-_VIS_MEMO: list = [None, None, None]  # (key, weak ref to the mask, result): every layer of a forward shares one mask
-
-
-def _visibility(mask: torch.Tensor | None, b: int, t: int, n_keys: int) -> tuple[torch.Tensor, bool]:
-    """(visibility (b, 1, t, n_keys) bool, whether every real row sees exactly a prefix of the slots)."""
-    key = (b, t, n_keys, mask is None)
-    ref = _VIS_MEMO[1]
-    if _VIS_MEMO[0] == key and (mask is None or (ref is not None and ref() is mask)):
-        return _VIS_MEMO[2]
-    vis = torch.ones(b, 1, t, n_keys, dtype=torch.bool) if mask is None else mask.expand(b, 1, t, n_keys)
-    counts = vis.sum(-1, keepdim=True)
-    prefix_rows = vis == (torch.arange(n_keys) < counts)  # row sees exactly slots [0, count)
-    real = vis[..., :1]  # batched-verify padding rows see only their scratch slot: ignored here
-    out = (vis, bool((prefix_rows.all(-1, keepdim=True) | ~real).all()))
-    _VIS_MEMO[:] = [key, None if mask is None else weakref.ref(mask), out]
-    return out
-
-
-def _blocks(q, keys, vals, vis, first: int):
-    """Scores (b, nkv, nc, g, m, C) of all rows against the key blocks from slot `first` on (block-aligned),
-    the value blocks (b, nkv, nc, C, hd), and m (rows padded to >= 2)."""
-    b, nh, t, hd = q.shape
-    nkv = keys.shape[1]
-    g, m = nh // nkv, max(t, 2)
-    keys, vals, vis = keys[:, :, first:], vals[:, :, first:], vis[..., first:]
-    nc = -(-keys.shape[2] // KEY_CHUNK)
-    pad = nc * KEY_CHUNK - keys.shape[2]
-    qf = F.pad(q.float(), (0, 0, 0, m - t)).reshape(b, nkv, 1, g * m, hd)
-    kf = F.pad(keys.float(), (0, 0, 0, pad)).view(b, nkv, nc, KEY_CHUNK, hd)
-    vf = F.pad(vals.float(), (0, 0, 0, pad)).view(b, nkv, nc, KEY_CHUNK, hd)
-    vis = F.pad(vis, (0, pad, 0, m - t))
-    vis = vis.view(b, 1, m, nc, KEY_CHUNK).permute(0, 1, 3, 2, 4).unsqueeze(3)  # (b, 1, nc, 1, m, C)
-    s = (torch.matmul(qf, kf.transpose(-1, -2)) * hd ** -0.5).view(b, nkv, nc, g, m, KEY_CHUNK)
-    return s.masked_fill(~vis, float("-inf")), vf, m
-
-
-def _combine(s, vf, s_tail, vf_tail):
-    """Softmax and weighted values over the blocks of `s` (b, nkv, nc, g, m, C), optionally followed by
-    per-row tail blocks `s_tail` (b, nkv, nct, g, m, C) with values `vf_tail` (b, nkv, m, nct, C, hd)."""
-    b, nkv, nc, g, m, c = s.shape
-    hd = vf.shape[-1]
-    parts = [x for x in (s, s_tail) if x is not None and x.shape[2]]
-    mx = parts[0].amax(dim=(2, 5), keepdim=True)
-    if len(parts) > 1:
-        mx = torch.maximum(mx, parts[1].amax(dim=(2, 5), keepdim=True))
-    mx = mx.clamp_min(torch.finfo(torch.float32).min)  # a padding row's blocks may all be masked
-    p = torch.exp(s - mx)
-    sums = p.sum(-1, keepdim=True)  # (b, nkv, nc, g, m, 1)
-    o = torch.matmul(p.view(b, nkv, nc, g * m, c), vf).view(b, nkv, nc, g, m, hd)
-    if s_tail is not None:
-        pt = torch.exp(s_tail - mx)
-        sums = torch.cat([sums, pt.sum(-1, keepdim=True)], 2)
-        # one GEMM per (row, block): that row's g heads against its own gathered keys
-        rows = pt.permute(0, 1, 4, 2, 3, 5)  # (b, nkv, m, nct, g, C)
-        ot = torch.matmul(F.pad(rows, (0, 0, 0, max(0, 2 - g))), vf_tail)[..., :g, :]  # (b, nkv, m, nct, g, hd)
-        o = torch.cat([o, ot.permute(0, 1, 3, 4, 2, 5)], 2)
-    total = sums.cumsum(2)[:, :, -1]  # (b, nkv, g, m, 1), blocks added in order
-    out = o.cumsum(2)[:, :, -1] / total  # (b, nkv, g, m, hd)
-    return out.reshape(b, nkv * g, m, hd)  # padding rows (m > T) are the caller's to drop
-
-
-def _tree_rows(q, keys, vals, vis):
-    """One sequence whose rows see branching subsets of the slots past their common prefix."""
-    _, nh, t, hd = q.shape
-    nkv = keys.shape[1]
-    g = nh // nkv
-    real = vis[0, 0, :, 0]
-    common = int(vis[0, 0, real].all(0).int().cumprod(0).sum())
-    first = common // KEY_CHUNK * KEY_CHUNK  # blocks before this are the same slots for every row
-    s, vf, m = _blocks(q, keys[:, :, :first], vals[:, :, :first], vis[..., :first], 0) if first else (None, None, max(t, 2))
-    tail = vis[0, 0, :, first:]  # (t, L - first)
-    n_seen = tail.sum(-1)
-    nct = max(1, -(-int(n_seen.max()) // KEY_CHUNK))
-    width = nct * KEY_CHUNK
-    # each row's visible tail slots in ascending order (= depth order along its path), then padding
-    order = torch.sort((~tail).to(torch.int8), dim=-1, stable=True).indices
-    order = F.pad(order, (0, max(0, width - order.shape[1])))[:, :width] + first
-    kt = keys[0][:, order].float()  # (nkv, t, width, hd)
-    vt = vals[0][:, order].float()
-    seen = torch.arange(width) < n_seen[:, None]  # (t, width)
-    qr = q[0].float().view(nkv, g, t, hd).permute(0, 2, 1, 3)  # (nkv, t, g, hd)
-    qr = F.pad(qr, (0, 0, 0, max(0, 2 - g)))  # >= 2 rows per GEMM
-    st = torch.matmul(qr.unsqueeze(2), kt.view(nkv, t, nct, KEY_CHUNK, hd).transpose(-1, -2))[..., :g, :]
-    st = (st * hd ** -0.5).masked_fill(~seen.view(1, t, nct, 1, KEY_CHUNK), float("-inf"))  # (nkv, t, nct, g, C)
-    st = F.pad(st.permute(0, 2, 3, 1, 4), (0, 0, 0, m - t)).unsqueeze(0)  # (1, nkv, nct, g, m, C)
-    vt = F.pad(vt.view(nkv, t, nct, KEY_CHUNK, hd), (0, 0, 0, 0, 0, 0, 0, m - t)).unsqueeze(0)
-    if s is None:  # no common block: an empty one keeps the shapes
-        s = st.new_full((1, nkv, 0, g, m, KEY_CHUNK), float("-inf"))
-        vf = vt.new_zeros(1, nkv, 0, KEY_CHUNK, hd)
-    return _combine(s, vf, st, vt)[:, :, :t]
-
-
 class Attention(nn.Module):
-    # Set by `--exact` on a gguf model, whose linears are row-invariant: then the whole forward is.
-    row_invariant = False
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -193,12 +68,12 @@ class Attention(nn.Module):
 
     def attend(self, q, keys, vals, mask, out_dtype):
         """Attention over the given keys/values, then the output projection."""
-        b, _, t, _ = q.shape
-        if self.row_invariant:
-            y = row_invariant_attention(q, keys, vals, mask)
-        else:
-            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, vals, attn_mask=mask,
-                                               enable_gqa=self.nh != self.nkv)
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, vals, attn_mask=mask, enable_gqa=self.nh != self.nkv)
+        return self.out(y, out_dtype)
+
+    def out(self, y, out_dtype):
+        """The output projection of attention's result y (B, nh, T, hd)."""
+        b, _, t, _ = y.shape
         return self.wo(y.to(out_dtype).transpose(1, 2).reshape(b, t, self.nh * self.hd))
 
     def forward(self, x, cos, sin, k_cache, v_cache, slots, mask, kv_len):
@@ -210,10 +85,12 @@ class Attention(nn.Module):
             v_cache[:, :, start:kv_len] = v
         else:  # per-sequence slots: slots (B, T)
             bidx = torch.arange(b).unsqueeze(1)
-            k_cache[bidx, :, slots] = k.transpose(1, 2)
-            v_cache[bidx, :, slots] = v.transpose(1, 2)
+            k_cache[bidx, :, slots] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[bidx, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
+        if isinstance(mask, AttentionPlan):  # the exact runtime: the plan indexes the whole cache
+            return self.out(exact_attention(q, k_cache, v_cache, mask), x.dtype)
         keys, vals = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-        if t == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not self.row_invariant:
+        if t == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # CPU SDPA in bf16 is 4x slower than in fp32 for a single query (AVX512-BF16 EPYC, per layer:
             # 614 vs 153 us over 1000 keys; 2968 vs 693 us for a batch of 16 over 300): upcasting q/k/v
             # costs less than it saves. From 2 queries on, the two are equal, so trees stay in bf16.
@@ -247,6 +124,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    # Set by the loader where every linear is row-invariant (the GGUF's int4 kernel): attention then
+    # runs `exact_attention`, and the whole forward computes each row as plain decoding would.
+    exact = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -294,6 +175,9 @@ class Transformer(nn.Module):
         """
         x = self.embed(tokens)
         cos, sin = self.rope(positions, x.dtype)
+        if self.exact:  # one plan for every layer, over the whole cache
+            b, t = tokens.shape
+            mask = plan_attention(visibility(mask, b, t, kv_len), k_cache.shape[3])
         tapped = []
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, k_cache[i], v_cache[i], slots, mask, kv_len)
@@ -473,7 +357,7 @@ def linear_kernels(model: "Transformer") -> tuple[str, tuple[int, ...]]:
     lin = model.layers[0].mlp.w13 if len(model.layers) else None
     if type(lin).__name__ == "Int4Linear":  # the GGUF's 4-bit codes (models/quant.py)
         # --exact's attention costs more than SDPA, so its cost curve is keyed apart
-        name, buckets = ("int4-exact" if model.layers[0].attn.row_invariant else "int4"), ()
+        name, buckets = ("int4-exact" if getattr(model, "exact", False) else "int4"), ()
     else:
         name, buckets = ("stock", ()) if not isinstance(lin, PackedLinear) else \
             ("onednn", ()) if lin.route is None else (lin.route.name, lin.buckets)
