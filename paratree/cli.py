@@ -386,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(llama-cpp-python on the same GGUF: scripts/build_llama_cpp.sh), "
                          "llama.cpp-eagle3|dflash|dspark@N (an exported head, --head FMT=DIR, in llama.cpp's "
                          "speculative decoding with N-1 drafts: scripts/build_llama_spec.sh) and paratree "
-                         "drafters (name or name@budget); default: all but llama.cpp")
+                         "drafters (name or name@budget); plain and drafters take ~inexact (e.g. plain~inexact, "
+                         "ngram@auto~inexact): the same model loaded again with --no-exact, to price exactness "
+                         "in the same run; default: all but llama.cpp")
     bn.add_argument("--limit", type=int, default=10, help="prompts per dataset (default 10)")
     bn.add_argument("--max-new-tokens", type=int, default=128)
     bn.add_argument("--budget", default=None,

@@ -165,6 +165,14 @@ def test_method_and_budget_parsing(monkeypatch):
         expand_methods(["nosuch"], [32])
     with pytest.raises(ValueError, match="no @budget"):
         expand_methods(["hf@8"], [32])
+    specs, _ = expand_methods(["plain", "plain~inexact", "ngram@8~inexact", "ngram~inexact"], [4, "auto"])
+    assert [(s.label, s.variant) for s in specs] == [
+        ("plain", ""), ("plain~inexact", "inexact"), ("ngram@8~inexact", "inexact"), ("ngram@4~inexact", "inexact"),
+        ("ngram@auto~inexact", "inexact")]
+    with pytest.raises(ValueError, match="take a variant"):
+        expand_methods(["hf~inexact"], [32])
+    with pytest.raises(ValueError, match="take a variant"):
+        expand_methods(["ngram@8~fast"], [32])
     # drafters registered later are benchmarked with no change here
     from paratree.drafters import NoDrafter
     from paratree.drafters.registry import DrafterSpec, register_drafter, unregister
@@ -337,6 +345,20 @@ def test_interrupt_leaves_valid_partial_output(tiny, cache, tmp_path, monkeypatc
     assert rows[0]["speedup"] == 1.0 and rows[2]["greedy_mismatches"] == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "partial" in md and "| mt_bench | plain |" in md
+
+
+def test_exact_and_inexact_targets_run_in_one_bench(default_ckpt, tmp_path):
+    """`~inexact` methods run on a second load of the target with exactness off, in the same process,
+    so the price of exactness is measured against the non-exact runtime in one run."""
+    cfg = BenchConfig(datasets=["gsm8k"], dtype="gguf", exact=True, limit=1, max_new_tokens=24, repeats=1,
+                      methods=["plain", "ngram@6", "plain~inexact", "ngram@6~inexact"], progress=False)
+    err, std = _consoles()
+    bench_rows = run_bench(cfg, console=err, out_console=std).rows
+    rows = {r["method"]: r for r in bench_rows}
+    assert list(rows) == ["plain", "ngram@6", "plain~inexact", "ngram@6~inexact"]
+    assert rows["ngram@6"]["greedy_mismatches"] == 0  # exact: speculative == plain
+    assert all(r["new_tokens"] == 24 and r["tokens_per_s"] > 0 for r in bench_rows)
+    assert rows["ngram@6~inexact"]["rounds"] < 24  # drafts were verified on the inexact target too
 
 
 def test_sampling_bench_reports_no_greedy_mismatch(tiny, cache):

@@ -80,12 +80,18 @@ def paratree_drafters() -> list[str]:
     return [d for d in drafters() if d != "plain"]
 
 
+# Target variants a method can run on in the same process (MethodSpec.variant): the same model loaded
+# again with `exact=False`, so exactness is priced against the non-exact runtime in one run.
+VARIANTS = ("inexact",)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     label: str  # as shown and stored: plain, hf, hf-pld, ngram@32, ngram@auto
     kind: str  # "paratree", "hf" or "llama.cpp"
     drafter: str | None  # paratree drafter name; HF method name for kind "hf"
     budget: int | str | None  # tree budget (root included); 1 for plain; None for HF
+    variant: str = ""  # "inexact": a second load of the target with exactness off (label suffix ~inexact)
 
 
 def expand_methods(methods: list[str] | None, budgets: list[int | str], assistant: str | None = None
@@ -110,8 +116,16 @@ def expand_methods(methods: list[str] | None, budgets: list[int | str], assistan
         m = m.strip()
         if not m:
             continue
+        m, _, variant = m.partition("~")
         name, _, b = m.partition("@")
-        if name == "plain":
+        if variant and (variant not in VARIANTS or not (name == "plain" or name in drafters)):
+            raise ValueError(f"method '{m}~{variant}': only plain and paratree drafters take a variant, "
+                             f"one of: {', '.join(VARIANTS)}")
+        if variant:
+            for bud in ([1] if name == "plain" else [parse_budget(b)] if b else budgets):
+                label = "plain" if name == "plain" else f"{name}@{bud}"
+                add(MethodSpec(f"{label}~{variant}", "paratree", name, bud, variant))
+        elif name == "plain":
             add(MethodSpec("plain", "paratree", "plain", 1))
         elif name in HF_METHODS:
             if b:
@@ -310,9 +324,22 @@ class Bench:
         self._llama_spec: LlamaSpec | None = None
         self._runner = None
         self._runner_len = 0
-        self.costs = CostService(self.lm, on_calibrate=lambda: self.console.print(
+        self.costs = self._cost_service(self.lm)
+        self._variants: dict[str, tuple] = {}  # variant -> (lm, costs, runner or None, runner length)
+
+    def _cost_service(self, lm):
+        return CostService(lm, on_calibrate=lambda: self.console.print(
             "[dim]no calibration profile for this model/dtype/machine: running a short "
             "calibration (run `paratree calibrate` for the full curve)[/dim]"))
+
+    def target(self, variant: str = ""):
+        """(lm, costs) of a target variant; "inexact" is loaded on first use."""
+        if not variant:
+            return self.lm, self.costs
+        if variant not in self._variants:
+            lm = load_model(self.cfg.model, self.cfg.dtype, compile=self.cfg.compile, exact=False)
+            self._variants[variant] = (lm, self._cost_service(lm), None, 0)
+        return self._variants[variant][:2]
 
     @property
     def profile(self) -> dict | None:
@@ -342,14 +369,23 @@ class Bench:
             self._assistant = hf_twin(draft_lm(self.cfg.assistant, self.dtype))
         return self._assistant
 
+    def variant_runner(self, variant: str, need: int):
+        lm, costs, runner, n = self._variants[variant]
+        if runner is None or need > n:
+            n = min(lm.config.max_position, max(need, 512))
+            runner = TargetRunner(lm.model, max_len=n)
+            self._variants[variant] = (lm, costs, runner, n)
+        return runner
+
     def make_generator(self, spec: MethodSpec, need: int):
-        runner = self.runner(need)
-        drafter = build_drafter(spec.drafter, self.lm, self.cfg.heads, self.cfg.assistant, self.costs.verify_curve())
+        lm, costs = self.target(spec.variant)
+        runner = self.variant_runner(spec.variant, need) if spec.variant else self.runner(need)
+        drafter = build_drafter(spec.drafter, lm, self.cfg.heads, self.cfg.assistant, costs.verify_curve())
         sizer, budget = None, spec.budget
         if spec.budget == "auto":
-            sizer = self.costs.auto_sizer(spec.drafter)
+            sizer = costs.auto_sizer(spec.drafter)
             budget = sizer.max_nodes
-        return Generator(runner, drafter, eos_ids=self.lm.eos_ids, budget=int(budget), sizer=sizer)
+        return Generator(runner, drafter, eos_ids=lm.eos_ids, budget=int(budget), sizer=sizer)
 
     def params(self, i: int):
         return SamplingParams(temperature=self.cfg.temperature, seed=self.cfg.seed + i)
@@ -626,6 +662,7 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
     total = sum(len(ids) * cfg.repeats for ids in ids_by_ds.values()) * len(specs)
     hf_counter = None
     own_counter = ForwardCounter(lm.model)
+    counters = {"": own_counter}  # per target variant
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                         disable=not cfg.progress, transient=False)
@@ -641,7 +678,10 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
                     progress.update(task, description=f"{ds} · warm-up {spec.label}")
                     try:
                         if spec.kind == "paratree":
-                            gen, counter = bench.make_generator(spec, need), own_counter
+                            gen = bench.make_generator(spec, need)
+                            if spec.variant not in counters:
+                                counters[spec.variant] = ForwardCounter(bench.target(spec.variant)[0].model)
+                            counter = counters[spec.variant]
                             bench.run_paratree(gen, all_ids[0], 0, counter, max_new=4)
                         elif spec.kind == "llama.cpp":
                             gen, counter = None, None
@@ -699,7 +739,8 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
                             "(an unfinished repeat is dropped)")
         console.print("[yellow]interrupted: writing what finished[/yellow]")
     finally:
-        own_counter.close()
+        for c in counters.values():
+            c.close()
         if hf_counter is not None:
             hf_counter.close()
     result.profile = bench.profile
