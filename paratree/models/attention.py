@@ -33,12 +33,13 @@ class AttentionPlan:
 
     common_ok (B, T, nc, C): the row sees cache slot j of [0, nc*C), and j lies before the row's split
     (there slot = logical position). tail_src (B, T, nct, C): the row's keys from its split on, in
-    logical order, as indices into its key source (the cache; in a compiled graph, cache slots then
-    the forward's new tokens); tail_ok marks the real ones."""
+    logical order, as indices into its key source (the cache, or with a `window`: those cache slots
+    then the forward's new tokens); tail_ok marks the real ones."""
 
     common_ok: torch.Tensor
     tail_src: torch.Tensor
     tail_ok: torch.Tensor
+    window: torch.Tensor | None = None  # (C,) cache slots read before the new tokens (see plan_attention)
 
 
 def plan_attention(vis: torch.Tensor, limit: int, new_at: tuple[int, int] | None = None,
@@ -46,8 +47,11 @@ def plan_attention(vis: torch.Tensor, limit: int, new_at: tuple[int, int] | None
     """The plan for visibility `vis` (B, T, L) bool over cache slots [0, L).
 
     limit: the common region may cover only cache slots [0, limit) (those holding keys when the
-    attention reads them). new_at=(start, M): slots >= start are the forward's new tokens, indexed as
-    M + (slot - start) (a compiled graph reads them from its own outputs, not the cache). min_blocks:
+    attention reads them). new_at=(start, M): slots >= start are the forward's new tokens, not yet in
+    the cache M slots long (a compiled graph reads them from its own outputs). Then every row's tail
+    must start at one block boundary F with slots [F, start) before its new tokens (one sequence whose
+    rows all see its whole prefix), and the tail indexes window = cache slots [F, F + C), then the new
+    tokens; None if a row's tail does not fit that. min_blocks:
     at least this many common and tail blocks (a compiled graph never sees a block count of 0 or 1,
     which it would specialise on); padding blocks are masked."""
     b, t, n = vis.shape
@@ -67,11 +71,15 @@ def plan_attention(vis: torch.Tensor, limit: int, new_at: tuple[int, int] | None
     order = torch.sort((~tail[..., lo:]).to(torch.int8), dim=-1, stable=True).indices + lo
     order = F.pad(order, (0, max(0, w - order.shape[-1])))[..., :w]
     tail_ok = torch.arange(w) < n_tail[..., None]
+    window = None
     if new_at is not None:
         start, m = new_at
-        order = torch.where(order >= start, order - start + m, order)
+        if bool(((order < lo) | ((order >= lo + c) & (order < start)))[tail_ok].any()):
+            return None
+        order = torch.where(order >= start, order - start + c, order - lo)
+        window = (torch.arange(c) + lo).clamp(max=m - 1)
     tail_src = torch.where(tail_ok, order, 0)  # padding reads slot 0 (finite; weighted by an exact 0)
-    return AttentionPlan(common_ok.view(b, t, nc, c), tail_src.view(b, t, nct, c), tail_ok.view(b, t, nct, c))
+    return AttentionPlan(common_ok.view(b, t, nc, c), tail_src.view(b, t, nct, c), tail_ok.view(b, t, nct, c), window)
 
 
 def visibility(mask: torch.Tensor | None, b: int, t: int, n: int) -> torch.Tensor:
@@ -79,16 +87,14 @@ def visibility(mask: torch.Tensor | None, b: int, t: int, n: int) -> torch.Tenso
     return torch.ones(b, t, n, dtype=torch.bool) if mask is None else mask.expand(b, 1, t, n)[:, 0]
 
 
-def _gather(cache: torch.Tensor, new: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor:
-    """(B, nkv, T, W, hd) fp32: rows of `cache` (B, nkv, M, hd), then of `new` (B, nkv, T', hd), at src (B, T, W)."""
+def _gather(cache: torch.Tensor, new: torch.Tensor | None, src: torch.Tensor, window: torch.Tensor | None
+            ) -> torch.Tensor:
+    """(B, nkv, T, W, hd) fp32: the key/value rows at src (B, T, W) of `cache` (B, nkv, M, hd), or with a
+    `window`, of [cache slots `window` ; `new` (B, nkv, T', hd)]. Whole rows are copied (vectorised)."""
+    if window is not None:
+        cache = torch.cat([cache[:, :, window], new.to(cache.dtype)], 2)
     bi = torch.arange(cache.shape[0]).view(-1, 1, 1)
-    if new is None:
-        out = cache[bi, :, src]  # (B, T, W, nkv, hd)
-    else:
-        m = cache.shape[2]
-        out = torch.where((src < m)[..., None, None], cache[bi, :, src.clamp(max=m - 1)],
-                          new[bi, :, (src - m).clamp(min=0)].to(cache.dtype))
-    return out.permute(0, 3, 1, 2, 4).float()
+    return cache[bi, :, src].permute(0, 3, 1, 2, 4).float()  # (B, T, W, nkv, hd) -> (B, nkv, T, W, hd)
 
 
 def exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
@@ -113,7 +119,7 @@ def exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scores.append(s.view(b, nkv, g, t, nc, c))
         ok.append(plan.common_ok.view(b, 1, 1, t, nc, c))
     if nct:  # one GEMM per (sequence, kv head, row): the row's g heads against its own gathered keys
-        kt = _gather(k_cache, k_new, plan.tail_src.view(b, t, nct * c))  # (b, nkv, t, W, hd)
+        kt = _gather(k_cache, k_new, plan.tail_src.view(b, t, nct * c), plan.window)  # (b, nkv, t, W, hd)
         rows = qf.permute(0, 1, 3, 2, 4)  # (b, nkv, t, g, hd)
         if g < 2:
             rows = F.pad(rows, (0, 0, 0, 1))
@@ -135,7 +141,7 @@ def exact_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             p = F.pad(p, (0, 0, 0, 1))
         outs.append(torch.matmul(p, vc)[..., :g * t, :].view(b, nkv, nc, g, t, hd))
     if nct:  # per row and block: (g rows) x (64 keys) @ its gathered values
-        vt = _gather(v_cache, v_new, plan.tail_src.view(b, t, nct * c)).view(b, nkv, t, nct, c, hd)
+        vt = _gather(v_cache, v_new, plan.tail_src.view(b, t, nct * c), plan.window).view(b, nkv, t, nct, c, hd)
         p = probs[-1].permute(0, 1, 3, 4, 2, 5)  # (b, nkv, t, nct, g, C)
         if g < 2:
             p = F.pad(p, (0, 0, 0, 1))

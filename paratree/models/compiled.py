@@ -23,6 +23,18 @@ Cost: ~45 s of compile per graph on 2 cores (one decode graph, one tree graph pe
 taps), paid in `warmup` before timing starts. That is why it is opt-in: it pays off in
 benchmarks and long generations, not in one short `generate`. Cases the graph does not cover
 (an empty prefix, batch > 1, logits of all rows in a prefill) run eagerly.
+
+The exact runtime (`model.exact`: the GGUF's int4 linears plus `exact_attention`) compiles
+differently, because every call that can decide a committed token must round alike:
+- two graphs, the one-token step and one for every tree size, each taking the attention plan as
+  tensors (models/attention.py). Block counts are kept >= 2 and marked dynamic, so no later call
+  recompiles into a third graph that might round differently;
+- each returns every layer's residual, so drafters with taps and plain decoding share them;
+- `emulate_precision_casts`: fused kernels round intermediates to their dtype as eager does;
+- no frozen graph and no eager fallback mid-generation except where the cache is shorter than
+  the plan's 2 blocks (`max_len` < 128).
+Its first compile takes ~11 min on 2 cores for the default model (Inductor's cache makes later
+loads ~35 s); tests/test_exact.py checks both graphs against each other on tiny int4 models.
 """
 
 from __future__ import annotations
@@ -142,12 +154,12 @@ class CompiledDecoder:
         logits = head(m.norm(x))
         return logits, torch.stack(new_k), torch.stack(new_v), (torch.cat(tapped, dim=-1) if tapped else None)
 
-    def _core_exact(self, tokens, cos, sin, k, v, common_ok, tail_src, tail_ok):
+    def _core_exact(self, tokens, cos, sin, k, v, common_ok, tail_src, tail_ok, window):
         """The exact runtime's forward: `exact_attention` on a plan given as tensors, new keys read from the
         graph's own outputs. It returns every layer's residual (the caller picks the taps), so plain
         decoding and every drafter run this one graph: no second compilation to round differently."""
         m = self.model
-        plan = transformer.AttentionPlan(common_ok, tail_src, tail_ok)
+        plan = transformer.AttentionPlan(common_ok, tail_src, tail_ok, window)
         x = m.embed(tokens)
         new_k, new_v, resid = [], [], []
         for i, layer in enumerate(m.layers):
@@ -169,12 +181,12 @@ class CompiledDecoder:
         m = k_cache.shape[3]
         vis = visibility(mask, 1, t, start + t)
         plan = plan_attention(vis, start, new_at=(start, m), min_blocks=2)
-        if plan.common_ok.shape[2] * KEY_CHUNK > m:
-            return None  # a cache shorter than the plan's 2 blocks: eager
+        if plan is None or plan.common_ok.shape[2] * KEY_CHUNK > m:
+            return None  # a mask the window cannot hold, or a cache shorter than the plan's 2 blocks: eager
         cos, sin = self.model.rope(positions, self.model.embed.weight.dtype)
-        args = (tokens, cos, sin, k_cache, v_cache, plan.common_ok, plan.tail_src, plan.tail_ok)
-        dims = ((1,), (2,), (2,), (3,), (3,), (1, 2), (1, 2), (1, 2)) if t > 1 else \
-            ((), (), (), (3,), (3,), (2,), (2,), (2,))
+        args = (tokens, cos, sin, k_cache, v_cache, plan.common_ok, plan.tail_src, plan.tail_ok, plan.window)
+        dims = ((1,), (2,), (2,), (3,), (3,), (1, 2), (1, 2), (1, 2), ()) if t > 1 else \
+            ((), (), (), (3,), (3,), (2,), (2,), (2,), ())
         for a, ds in zip(args, dims):
             for d in ds:
                 torch._dynamo.mark_dynamic(a, d)
