@@ -1,9 +1,11 @@
-"""Exact by construction on the GGUF runtime (`--dtype gguf --exact`): a tree node, a batched row, a chunked
-prefill and a speculative round compute bit for bit what plain decoding computes (`torch.equal`).
+"""Exact by construction on the GGUF runtime (`--dtype gguf --exact`, eager or `--compile`): a tree node, a
+batched row, a chunked prefill and a speculative round compute bit for bit what plain decoding computes
+(`torch.equal`).
 
 Why it holds: the int4 linears reduce each row in a fixed order whatever the row count
 (tests/test_quant.py), RMSNorm and the element-wise ops are per row, and attention runs
-`row_invariant_attention` (models/transformer.py). These tests check the whole forward."""
+`exact_attention` (models/attention.py); compiled, the one-token and the tree graph round alike
+(models/compiled.py). These tests check the whole forward, and that the check fails on SDPA."""
 
 import math
 
