@@ -47,7 +47,7 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
                         "compile of ~1 min per graph (needs a C++ compiler); see docs/benchmarks.md")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
                    help="--dtype gguf: speculative, batched and plain decoding give bit-identical output "
-                        "(row-invariant attention). Default: on with --compile (~6%% a step), off eagerly "
+                        "(row-invariant attention). Default: on with --compile (5-10%% a step), off eagerly "
                         "(~2x a step there); see docs/benchmarks.md")
 
 

@@ -46,7 +46,7 @@ from ..engine.generate import Generator
 from ..engine.pipeline import encode_prompt
 from ..engine.sizing import parse_budget
 from ..models.kernels import cpu_signature
-from ..models.loader import dtype_name, hf_twin, load_model
+from ..models.loader import LoadedModel, dtype_name, hf_twin, load_model
 from ..models.quant import source_gguf
 from ..models.runner import TargetRunner
 from ..tree.cost import VerifyCostModel
@@ -311,6 +311,16 @@ class _Runs:
             rep["finish"][e[3]] = rep["finish"].get(e[3], 0) + 1
 
 
+@dataclass
+class _Target:
+    """One loaded target of a bench run, with its cost service and its shared runner (made on demand)."""
+
+    lm: LoadedModel
+    costs: CostService
+    runner: TargetRunner | None = None
+    runner_len: int = 0
+
+
 class Bench:
     def __init__(self, cfg: BenchConfig, console=None):
         self.cfg = cfg
@@ -322,37 +332,34 @@ class Bench:
         self._assistant = None
         self._llama: LlamaPeer | None = None
         self._llama_spec: LlamaSpec | None = None
-        self._runner = None
-        self._runner_len = 0
         self.costs = self._cost_service(self.lm)
-        self._variants: dict[str, tuple] = {}  # variant -> (lm, costs, runner or None, runner length)
+        # per target variant ("" = the configured target): its model, cost service and shared runner
+        self._targets: dict[str, _Target] = {"": _Target(self.lm, self.costs)}
 
     def _cost_service(self, lm):
         return CostService(lm, on_calibrate=lambda: self.console.print(
             "[dim]no calibration profile for this model/dtype/machine: running a short "
             "calibration (run `paratree calibrate` for the full curve)[/dim]"))
 
-    def target(self, variant: str = ""):
-        """(lm, costs) of a target variant; "inexact" is loaded on first use."""
-        if not variant:
-            return self.lm, self.costs
-        if variant not in self._variants:
+    def target(self, variant: str = "") -> "_Target":
+        """A target variant; "inexact" (the same model with exactness off) is loaded on first use."""
+        if variant not in self._targets:
             lm = load_model(self.cfg.model, self.cfg.dtype, compile=self.cfg.compile, exact=False)
-            self._variants[variant] = (lm, self._cost_service(lm), None, 0)
-        return self._variants[variant][:2]
+            self._targets[variant] = _Target(lm, self._cost_service(lm))
+        return self._targets[variant]
 
     @property
     def profile(self) -> dict | None:
         return self.costs.stored_profile()
 
-    # shared target runner, grown when a longer prompt shows up
-    def runner(self, need: int):
-        cap = self.lm.config.max_position
-        if self._runner is None or need > self._runner_len:
-            self._runner = None
-            self._runner_len = min(cap, max(need, 512))
-            self._runner = TargetRunner(self.lm.model, max_len=self._runner_len)
-        return self._runner
+    def runner(self, need: int, variant: str = ""):
+        """The variant's shared target runner, grown when a longer prompt shows up."""
+        tg = self.target(variant)
+        if tg.runner is None or need > tg.runner_len:
+            tg.runner = None
+            tg.runner_len = min(tg.lm.config.max_position, max(need, 512))
+            tg.runner = TargetRunner(tg.lm.model, max_len=tg.runner_len)
+        return tg.runner
 
     def hf_model(self):
         """HF transformers on the same weights (shared memory: a 1.5B target and its twin fit together)."""
@@ -369,17 +376,9 @@ class Bench:
             self._assistant = hf_twin(draft_lm(self.cfg.assistant, self.dtype))
         return self._assistant
 
-    def variant_runner(self, variant: str, need: int):
-        lm, costs, runner, n = self._variants[variant]
-        if runner is None or need > n:
-            n = min(lm.config.max_position, max(need, 512))
-            runner = TargetRunner(lm.model, max_len=n)
-            self._variants[variant] = (lm, costs, runner, n)
-        return runner
-
     def make_generator(self, spec: MethodSpec, need: int):
-        lm, costs = self.target(spec.variant)
-        runner = self.variant_runner(spec.variant, need) if spec.variant else self.runner(need)
+        tg = self.target(spec.variant)
+        lm, costs, runner = tg.lm, tg.costs, self.runner(need, spec.variant)
         drafter = build_drafter(spec.drafter, lm, self.cfg.heads, self.cfg.assistant, costs.verify_curve())
         sizer, budget = None, spec.budget
         if spec.budget == "auto":
@@ -680,7 +679,7 @@ def run_bench(cfg: BenchConfig, console=None, out_console=None) -> BenchResult:
                         if spec.kind == "paratree":
                             gen = bench.make_generator(spec, need)
                             if spec.variant not in counters:
-                                counters[spec.variant] = ForwardCounter(bench.target(spec.variant)[0].model)
+                                counters[spec.variant] = ForwardCounter(bench.target(spec.variant).lm.model)
                             counter = counters[spec.variant]
                             bench.run_paratree(gen, all_ids[0], 0, counter, max_new=4)
                         elif spec.kind == "llama.cpp":

@@ -66,7 +66,7 @@ class CompiledDecoder:
         # into the prefix copy, so every row count takes it.
         self.attn_dtype = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
         self.exact = bool(getattr(model, "exact", False))
-        if self.exact:  # one graph with marked dynamic sizes (see _call_exact)
+        if self.exact:  # two graphs (one-token, trees) with marked dynamic sizes (see _call_exact)
             # emulate_precision_casts: a fused kernel rounds each intermediate to its dtype as eager does.
             # Without it, the new keys fed to this forward's own attention stayed fp32 inside the graph
             # while the cache (what later steps read) got them rounded to bf16: every tree node differed.
@@ -135,44 +135,45 @@ class CompiledDecoder:
         finally:
             transformer.FROZEN_TRACE = False
 
-    def _core(self, tokens, cos, sin, k, v, start: int, mask, tapped_layers: tuple[bool, ...]):
+    def _layers(self, tokens, cos, sin, attention, keep):
+        """The decoder over `tokens` with `attention(i, layer.attn, q, new_k, new_v, x_dtype)` as layer i's
+        attention output (after its projection). Returns logits, the new K/V stacked over layers, and the
+        residual after each layer i where keep[i]."""
         m = self.model
-        x = m.embed(tokens)
-        new_k, new_v, tapped = [], [], []
-        for i, layer in enumerate(m.layers):
-            a = layer.attn
-            q, kn, vn = a.project(layer.attn_norm(x), cos, sin)
-            keys = torch.cat([k[i][:, :, :start], kn], dim=2).to(self.attn_dtype)
-            vals = torch.cat([v[i][:, :, :start], vn], dim=2).to(self.attn_dtype)
-            x = x + a.attend(q, keys, vals, mask, x.dtype)
-            x = x + layer.mlp(layer.mlp_norm(x))
-            new_k.append(kn)
-            new_v.append(vn)
-            if tapped_layers[i]:
-                tapped.append(x)
-        head = getattr(m, "lm_head_packed", None) or m.lm_head
-        logits = head(m.norm(x))
-        return logits, torch.stack(new_k), torch.stack(new_v), (torch.cat(tapped, dim=-1) if tapped else None)
-
-    def _core_exact(self, tokens, cos, sin, k, v, common_ok, tail_src, tail_ok, window):
-        """The exact runtime's forward: `exact_attention` on a plan given as tensors, new keys read from the
-        graph's own outputs. It returns every layer's residual (the caller picks the taps), so plain
-        decoding and every drafter run this one graph: no second compilation to round differently."""
-        m = self.model
-        plan = transformer.AttentionPlan(common_ok, tail_src, tail_ok, window)
         x = m.embed(tokens)
         new_k, new_v, resid = [], [], []
         for i, layer in enumerate(m.layers):
             a = layer.attn
             q, kn, vn = a.project(layer.attn_norm(x), cos, sin)
-            x = x + a.out(exact_attention(q, k[i], v[i], plan, kn, vn), x.dtype)
+            x = x + attention(i, a, q, kn, vn, x.dtype)
             x = x + layer.mlp(layer.mlp_norm(x))
             new_k.append(kn)
             new_v.append(vn)
-            resid.append(x)
+            if keep[i]:
+                resid.append(x)
         head = getattr(m, "lm_head_packed", None) or m.lm_head
-        logits = head(m.norm(x))
-        return logits, torch.stack(new_k), torch.stack(new_v), torch.stack(resid)
+        return head(m.norm(x)), torch.stack(new_k), torch.stack(new_v), resid
+
+    def _core(self, tokens, cos, sin, k, v, start: int, mask, tapped_layers: tuple[bool, ...]):
+        def sdpa(i, a, q, kn, vn, dt):
+            keys = torch.cat([k[i][:, :, :start], kn], dim=2).to(self.attn_dtype)
+            vals = torch.cat([v[i][:, :, :start], vn], dim=2).to(self.attn_dtype)
+            return a.attend(q, keys, vals, mask, dt)
+
+        logits, nk, nv, tapped = self._layers(tokens, cos, sin, sdpa, tapped_layers)
+        return logits, nk, nv, (torch.cat(tapped, dim=-1) if tapped else None)
+
+    def _core_exact(self, tokens, cos, sin, k, v, common_ok, tail_src, tail_ok, window):
+        """The exact runtime's forward: `exact_attention` on a plan given as tensors, new keys read from the
+        graph's own outputs. It returns every layer's residual (the caller picks the taps), so plain
+        decoding and every drafter share its two graphs (one-token, trees): no graph per set of taps."""
+        plan = transformer.AttentionPlan(common_ok, tail_src, tail_ok, window)
+
+        def exact(i, a, q, kn, vn, dt):
+            return a.out(exact_attention(q, k[i], v[i], plan, kn, vn), dt)
+
+        logits, nk, nv, resid = self._layers(tokens, cos, sin, exact, (True,) * len(self.model.layers))
+        return logits, nk, nv, torch.stack(resid)
 
     def _call_exact(self, tokens, positions, k_cache, v_cache, start: int, mask, taps):
         """Two graphs: the one-token step (its size 1 is specialised) and one for every tree size. The plan

@@ -339,7 +339,7 @@ def load_model(spec: str | None = None, dtype: str | torch.dtype = "auto", token
     `compile`: single-sequence verify runs through TorchInductor (`models/compiled.py`), calling
     the same packed linears. `exact` (gguf only; None = on where it costs little, i.e. with `compile`):
     row-invariant attention too, so tree verify, batched verify and chunked prefill equal plain decoding
-    bit for bit (eagerly its ~20 small ops a layer cost ~2x a plain step; compiled, ~6%)."""
+    bit for bit (eagerly its ~20 small ops a layer cost ~2x a plain step; compiled, 5-10%)."""
     dtype = dtype_name(dtype, spec)
     dt = parse_dtype(dtype)
     name, ckpt = checkpoint_dir(spec)
