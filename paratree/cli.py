@@ -148,20 +148,32 @@ def cmd_bench_plain(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .models.loader import load_model
+    import torch
+
+    from .models.loader import auto_dtype, dtype_name, load_model
     from .train.data import collect_prompts, generate_dataset
+    from .train.store import is_shard_store, store_summary
 
     mix = {}
     for part in args.mix.split(","):
         name, _, n = part.partition("=")
-        if not n.isdigit():
-            raise ValueError(f"bad --mix entry '{part}': use source=count, e.g. gsm8k_train=500")
-        mix[name] = int(n)
+        if not (n.isdigit() or n == "all"):
+            raise ValueError(f"bad --mix entry '{part}': use source=count or source=all, e.g. gsm8k_train=500")
+        mix[name] = 1 << 62 if n == "all" else int(n)
     prompts = collect_prompts(mix, seed=args.seed)
-    lm = load_model(args.model, args.dtype)
+    on_cpu = args.device == "cpu"
+    if not on_cpu and not torch.cuda.is_available():
+        raise ValueError(f"device '{args.device}' asked for, but torch sees no CUDA GPU")
+    # 'auto' was resolved for this CPU; a GPU gets its own fastest dtype
+    dtype = args.dtype if on_cpu or args.dtype_asked != "auto" else dtype_name(auto_dtype(args.device), args.model)
+    lm = load_model(args.model, dtype, pack=on_cpu)
+    lm.model.to(args.device)
+    info = {"dtype": dtype, "command": "paratree " + " ".join(args.argv)}
     for temp in args.temperature:
         generate_dataset(lm, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         temperature=temp, seed=args.seed, limit=args.limit)
+                         temperature=temp, seed=args.seed, limit=args.limit, info=info)
+    if is_shard_store(args.out):
+        print(json.dumps(store_summary(args.out)))
     return 0
 
 
@@ -346,9 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     d = sub.add_parser("data", help="self-distillation data: the target's own responses to training prompts")
-    d.add_argument("--out", required=True, help="jsonl file (appended to; a killed run resumes)")
+    d.add_argument("--out", required=True,
+                   help="a directory of compact shards, or a .jsonl file (both appended to: a killed run resumes)")
+    d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     d.add_argument("--mix", default="gsm8k_train=600,code=400,dolly=250,roleplay=120,self_instruct=50",
-                   help="prompts per source: gsm8k_train, code, dolly, roleplay, self_instruct, sharegpt")
+                   help="prompts per source (a count, or all): gsm8k_train, code, dolly, roleplay, self_instruct, "
+                        "sharegpt")
     _add_model_args(d)
     d.add_argument("--max-new-tokens", type=int, default=192)
     d.add_argument("--batch-size", type=int, default=32)
@@ -459,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(args, "dtype", None), str):
             from .models.loader import dtype_name
 
+            args.dtype_asked = args.dtype
             args.dtype = dtype_name(args.dtype, getattr(args, "model", None))  # 'auto' -> fastest here
         return args.func(args)
     except (ModelNotFoundError, UnsupportedModelError, ContextOverflowError, ValueError) as e:

@@ -4,6 +4,7 @@ greedy decoding, and resuming a killed run without losing or duplicating a seque
 import json
 
 import pytest
+import torch
 
 from paratree.data import DATA, read_jsonl
 from paratree.drafters import NoDrafter
@@ -83,3 +84,59 @@ def test_sampled_responses_do_not_depend_on_what_they_were_batched_with(tiny, tm
     generate_dataset(lm, prompts, other, max_new_tokens=12, batch_size=3, temperature=0.9, seed=8,
                      max_prompt_tokens=1024, progress=False)
     assert sorted(load_sequences(other), key=lambda r: (r["source"], r["index"])) != runs[0]
+
+
+def test_shard_store_holds_the_jsonl_rows_compactly_and_resumes_after_a_kill(tiny, tmp_path):
+    """A directory output stores the same sequences as jsonl in safetensors shards (uint16 tokens
+    when the vocabulary fits); a kill loses only unflushed rows and a half-written shard, and the
+    resumed run completes the set with nothing duplicated. Every shard records what it cost."""
+    from paratree.train.store import store_summary
+
+    lm = load_model(tiny, "fp32")
+    prompts = collect_prompts({"gsm8k_train": 4, "code": 3}, seed=3)
+    kw = dict(max_new_tokens=8, batch_size=3, max_prompt_tokens=1024, progress=False)
+    ref = tmp_path / "ref.jsonl"
+    generate_dataset(lm, prompts, ref, **kw)
+    store = tmp_path / "store"
+    generate_dataset(lm, prompts, store, rows_per_shard=2, info={"dtype": "fp32", "command": "test"}, **kw)
+    shards = sorted(store.glob("shard-*.safetensors"))
+    assert len(shards) == 4  # 7 rows, 2 per shard
+    assert load_sequences(store) == load_sequences(ref)  # same rows, same (fixed) order
+    s = store_summary(store)
+    assert s["rows"] == 7 and s["tokens"] == sum(len(r["ids"]) for r in load_sequences(ref))
+    assert s["response_tokens"] == sum(len(r["ids"]) - r["prompt_len"] for r in load_sequences(ref))
+    assert s["generation_s"] > 0
+    assert sum(p.stat().st_size for p in shards) < 6 * s["tokens"] + 4 * 1024  # jsonl: ~4-6 bytes a token
+
+    # A kill: the last shard never renamed into place (a half-written temp file is left behind).
+    shards[-1].rename(store / f".{shards[-1].name}.tmp")
+    assert len(load_sequences(store)) == 6
+    generate_dataset(lm, prompts, store, rows_per_shard=2, **kw)
+    key = lambda r: (r["source"], r["index"])  # noqa: E731
+    assert sorted(load_sequences(store), key=key) == sorted(load_sequences(ref), key=key)
+    assert not list(store.glob(".*.tmp"))
+    with pytest.raises(FileNotFoundError, match="paratree data --out"):
+        load_sequences(tmp_path / "missing")
+
+
+def test_data_command_writes_a_store_that_records_its_command_and_cost(tiny, tmp_path, capsys):
+    """`paratree data --out DIR`: `source=all` counts, the summary line, and the command, dtype and
+    machine in every shard's header; a bad --mix entry or a missing device is one clear error."""
+    from paratree.cli import main
+    from paratree.train.store import read_shard_meta
+
+    out = tmp_path / "store"
+    args = ["data", "--out", str(out), "--model", tiny, "--dtype", "fp32", "--mix", "self_instruct=all",
+            "--max-new-tokens", "4", "--batch-size", "2", "--limit", "5"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 5 and summary["response_tokens"] > 0 and summary["generation_s"] > 0
+    meta = read_shard_meta(next(out.glob("shard-*.safetensors")))
+    assert meta["dtype"] == "fp32" and "--mix self_instruct=all" in meta["command"] and meta["machine"]
+    assert main(args[:-1] + ["7"]) == 0  # resumed with a larger limit: only the 2 new prompts run
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 7
+    assert main(["data", "--out", str(out), "--model", tiny, "--mix", "self_instruct=lots"]) == 2
+    assert "bad --mix entry 'self_instruct=lots'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["data", "--out", str(out), "--model", tiny, "--device", "cuda"]) == 2
+        assert "torch sees no CUDA GPU" in capsys.readouterr().err

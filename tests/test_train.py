@@ -63,6 +63,22 @@ def test_loss_decreases(tiny_lm, seqs, tmp_path):
     assert any("eval_loss" in json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines())
 
 
+def test_feature_cache_stops_at_its_budget_and_training_is_unchanged(tiny_lm, seqs, tmp_path):
+    """Ten times the data does not fit in RAM as cached target states: past `feature_cache_gb` the
+    trainer recomputes them, and the head trains to the same weights either way."""
+    runs = []
+    for gb in (10.0, None):
+        if gb is None:  # room for two and a half sequences' states
+            gb = 2.5 * max(t.numel() * t.element_size() for t in tr._cache.values()) / 2**30
+        tr = Trainer(_cfg(tmp_path / str(gb), checkpoint_every=0, feature_cache_gb=gb), lm=tiny_lm, sequences=seqs,
+                     progress=False)
+        tr.fit()
+        runs.append((len(tr._cache), tr._cache_bytes, _state(tr.head)))
+    (n_all, _, a), (n_few, used, b) = runs
+    assert n_all > 4 and n_few == 2 and used <= gb * 2**30
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_after_kill_equals_uninterrupted(tiny_lm, seqs, tmp_path):
     full = Trainer(_cfg(tmp_path / "a"), lm=tiny_lm, sequences=seqs, progress=False)
     full.fit()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import random
 import time
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from ..models.loader import LoadedModel
 from ..models.runner import TargetRunner
 from ..tree.cost import VerifyCostModel
 from ..verify.warp import SamplingParams
+from .store import ShardWriter, is_shard_store, read_rows, stored_keys
 
 # Training prompt sources (never an evaluation split): file, prompt field.
 SOURCES = {
@@ -53,6 +56,20 @@ def collect_prompts(mix: dict[str, int], seed: int = 0) -> list[dict]:
         out += [{"source": source, "index": i, "prompt": prompt_of(rows[i], field)} for i in picked]
     rng.shuffle(out)
     return out
+
+
+def machine_description() -> str:
+    """CPU model, core count, torch version and GPU (if any): recorded with data and heads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
 
 
 def _prompt_seed(seed: int, key: tuple) -> int:
@@ -91,26 +108,22 @@ def decode_continuously(runner: TargetRunner, jobs: list[tuple[tuple, list[int]]
 
 def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path, max_new_tokens: int = 256,
                      batch_size: int = 16, temperature: float = 0.0, seed: int = 0, max_prompt_tokens: int = 512,
-                     progress: bool = True, limit: int | None = None) -> Path:
-    """Append the target's responses for `prompts` to out_path (jsonl), skipping ones already there.
+                     progress: bool = True, limit: int | None = None, rows_per_shard: int = 256,
+                     info: dict | None = None) -> Path:
+    """Append the target's responses for `prompts` to out_path, skipping ones already there.
+
+    out_path ending in .jsonl: one json line per sequence. Otherwise a directory of compact shards
+    (`train/store.py`; ~2 bytes a token), each recording `info` (e.g. dtype, command) and its cost.
 
     Prompts run in one fixed order (see below); `limit` keeps only its first N, so a limited run
     holds exactly what an unlimited run had written after N prompts (a killed run, made reproducible).
     """
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done_keys = set()
-    if out.is_file():
-        for line in out.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill: its prompt is regenerated
-            done_keys.add((r["source"], r["index"], r.get("temperature", 0.0)))
-        # Drop a possibly truncated last line before appending.
-        lines = [ln for ln in out.read_text().splitlines() if ln.strip()]
-        good = [ln for ln in lines if _parses(ln)]
-        out.write_text("".join(ln + "\n" for ln in good))
+    shards = is_shard_store(out)
+    if shards:
+        done_keys = stored_keys(out)
+    else:
+        done_keys = _resume_jsonl(out)
     params = SamplingParams(temperature=temperature, seed=seed)
     tok = lm.tokenizer
     encoded = []
@@ -131,23 +144,52 @@ def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path,
                TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     n_tokens, t0 = 0, time.perf_counter()
     jobs = [((encoded[i][0]["source"], encoded[i][0]["index"]), encoded[i][1]) for i in order]
-    with Progress(*columns, disable=not progress) as bar, open(out, "a") as f:
+    meta = {"model": lm.name, "device": str(lm.model.embed.weight.device), "machine": machine_description(),
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": seed, **(info or {})}
+    sink = ShardWriter(out, lm.config.vocab_size, meta, rows_per_shard) if shards else _JsonlSink(out)
+    with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("distill", total=len(order), tps=0.0)
-        # Responses finish out of order; lines are written in the run's fixed order, so the file is
+        # Responses finish out of order; rows are stored in the run's fixed order, so the data is
         # always a prefix of it (a kill loses only responses still waiting for an earlier one).
         ready: dict[int, list[int]] = {}
-        head = 0
-        for j, resp in decode_continuously(runner, jobs, max_new_tokens, lm.eos_ids, params, seed):
-            ready[j] = resp
-            n_tokens += len(resp)
-            while head in ready:
-                p, ids = encoded[order[head]]
-                f.write(json.dumps({"source": p["source"], "index": p["index"], "temperature": temperature,
-                                    "prompt_len": len(ids), "ids": ids + ready.pop(head)}) + "\n")
-                head += 1
-            f.flush()
-            bar.update(task, advance=1, tps=n_tokens / (time.perf_counter() - t0))
+        head, t_prev = 0, time.perf_counter()
+        try:
+            for j, resp in decode_continuously(runner, jobs, max_new_tokens, lm.eos_ids, params, seed):
+                ready[j] = resp
+                n_tokens += len(resp)
+                while head in ready:
+                    p, ids = encoded[order[head]]
+                    now = time.perf_counter()
+                    sink.add({"source": p["source"], "index": p["index"], "temperature": temperature,
+                              "prompt_len": len(ids), "ids": ids + ready.pop(head)}, now - t_prev)
+                    t_prev = now
+                    head += 1
+                bar.update(task, advance=1, tps=n_tokens / (time.perf_counter() - t0))
+        finally:
+            sink.flush()  # what finished before an interrupt (Ctrl-C) is kept
     return out
+
+
+def _resume_jsonl(out: Path) -> set[tuple]:
+    """Keys already in a jsonl file, after dropping a line cut by a kill (its prompt is regenerated)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.is_file():
+        return set()
+    good = [ln for ln in out.read_text().splitlines() if ln.strip() and _parses(ln)]
+    out.write_text("".join(ln + "\n" for ln in good))
+    return {(r["source"], r["index"], r.get("temperature", 0.0)) for r in map(json.loads, good)}
+
+
+class _JsonlSink:
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+
+    def add(self, row: dict, seconds: float) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def flush(self) -> None:
+        self.f.close()
 
 
 def _parses(line: str) -> bool:
@@ -159,8 +201,14 @@ def _parses(line: str) -> bool:
 
 
 def load_sequences(path: str | Path) -> list[dict]:
-    """Training sequences: {'ids': [...], 'prompt_len': n, ...} rows of a distilled jsonl file."""
-    rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip() and _parses(ln)]
+    """Training sequences: {'ids': [...], 'prompt_len': n, ...} rows of a distilled jsonl file or shard store."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no distilled data at '{path}': make it with `paratree data --out {path}`")
+    if path.is_dir():
+        rows = read_rows(path)
+    else:
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip() and _parses(ln)]
     if not rows:
         raise ValueError(f"no training sequences in '{path}'")
     return rows

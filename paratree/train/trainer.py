@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import time
@@ -32,7 +31,7 @@ from ..drafters.heads.dspark import expected_calibration_error, fit_temperature
 from ..drafters.heads.training import LOSSES, teacher_forced_tau
 from ..drafters.registry import head_family_of
 from ..models.loader import LoadedModel, auto_dtype, cpu_has_native_bf16, load_model
-from .data import load_sequences
+from .data import load_sequences, machine_description
 
 
 @dataclass
@@ -77,6 +76,8 @@ class TrainConfig:
     autocast_bf16: bool = True  # head matmuls in bf16 (fp32 master weights): ~6x faster on bf16-native CPUs,
     # ignored (fp32) on CPUs that only emulate bf16, where it would be ~2x slower
     cache_features: bool = True  # keep target states in RAM across epochs (~4.6 KB/token for 3 taps at H=576)
+    feature_cache_gb: float = 4.0  # ...up to this many GiB; sequences beyond it recompute their states each
+    # epoch (ten times the data would be ~25 GiB of states: more than these machines' RAM)
     init_from: str | None = None  # a saved head (dir) to start from instead of random weights: same family,
     # shape and target; its draft vocab is kept (fine-tuning a shipped head on more data)
 
@@ -89,19 +90,6 @@ class TrainConfig:
         if cfg.loss not in LOSSES:
             raise ValueError(f"unknown loss '{cfg.loss}': {', '.join(LOSSES)}")
         return cfg
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}{gpu}"
 
 
 # -- target features -------------------------------------------------------------------
@@ -221,6 +209,7 @@ class Trainer:
         self.step = 0
         self.out = Path(cfg.output_dir)
         self._cache: dict[int, torch.Tensor] = {}
+        self._cache_bytes = 0
 
     def _init_weights(self) -> None:
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -264,8 +253,10 @@ class Trainer:
         key = id(seq)
         if key not in self._cache:
             st = target_states(self.lm, seq["ids"], self.head.cfg.tap_layers)
-            if self.cfg.cache_features:
+            nbytes = st.numel() * st.element_size()
+            if self.cfg.cache_features and self._cache_bytes + nbytes <= self.cfg.feature_cache_gb * 2**30:
                 self._cache[key] = st
+                self._cache_bytes += nbytes
             return st
         return self._cache[key]
 
