@@ -238,7 +238,7 @@ def cmd_train(args) -> int:
     from .train.trainer import Trainer, latest_checkpoint
 
     cfg = load_train_config(args.config, device=args.device, output_dir=args.output_dir,
-                            max_steps=args.max_steps, data=args.data)
+                            max_steps=args.max_steps, data=args.data, time_limit_min=args.time_limit)
     last = latest_checkpoint(cfg.output_dir)
     if last is not None and not args.resume:  # never silently restart over a killed run's progress
         raise ValueError(f"{cfg.output_dir} already holds checkpoints (latest {last.name}): pass --resume to "
@@ -248,6 +248,9 @@ def cmd_train(args) -> int:
         print(f"resumed from step {trainer.step}", file=sys.stderr)
     result = trainer.fit()
     print(json.dumps(result))
+    if "stopped_at_step" in result:
+        print(f"stopped at step {result['stopped_at_step']} of {result['total_steps']} (--time-limit): continue with "
+              f"the same command and --resume", file=sys.stderr)
     return 0
 
 
@@ -381,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", default=None)
     t.add_argument("--data", default=None, help="override the config's distilled data file")
     t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                   help="stop after the step that passes MIN minutes, with a checkpoint: --resume continues "
+                        "(training split across working sessions)")
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench-plain", help="own runner vs HF generate(), plain greedy decoding")

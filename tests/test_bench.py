@@ -8,6 +8,7 @@ own runner, HF generate, report) runs for real in a few seconds.
 import io
 import json
 import math
+import re
 import os
 import sys
 from pathlib import Path
@@ -72,6 +73,7 @@ def test_bench_rows_have_required_fields_and_sane_values(quick_run):
         assert r["greedy_mismatches"] is not None and 0 <= r["greedy_mismatches"] <= 2
         if r["kind"] == "paratree":
             assert r["tau"] >= 1.0 and r["rounds"] >= 1 and r["draft_s"] >= 0 and r["verify_s"] > 0
+            assert r["draft_per_verify"] == pytest.approx(r["draft_s"] / r["verify_s"])
             acc = r["accept_by_depth"]
             assert all(0 <= a <= 1 for a in acc) and acc == sorted(acc, reverse=True)
             bound = 256 if r["budget"] == "auto" else r["budget"]
@@ -99,6 +101,8 @@ def test_bench_report_files(quick_run):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"]({png})" in md
     assert "paratree bench --quick (test)" in md and "| gsm8k | plain |" in md and "bonus" in md
+    ngram = next(ln for ln in md.splitlines() if ln.startswith("| gsm8k | ngram@auto |"))
+    assert re.search(r"\d+\.\d\d / \d+\.\d\d \(\d+%\)", ngram)  # draft s / verify s (draft ÷ verify)
     assert "Calibration profile" in md
     assert "Budget sweep" in md and "| gsm8k | ngram |" in md  # ngram@auto against ngram@32
     assert json.loads((rep / "results.json").read_text())[0]["method"] == "plain"

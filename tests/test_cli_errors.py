@@ -145,7 +145,7 @@ def test_shipped_and_complete_train_configs_pass_the_check(tmp_path):
     from paratree.train.config_check import check_train_config
     from paratree.train.trainer import TrainConfig
 
-    shipped = sorted((ROOT / "configs").glob("*.yaml"))
+    shipped = sorted((ROOT / "configs").rglob("*.yaml"))
     assert shipped
     for f in shipped:
         check_train_config(f)

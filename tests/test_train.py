@@ -100,6 +100,32 @@ def test_resume_after_kill_equals_uninterrupted(tiny_lm, seqs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_time_boxed_segments_resume_to_the_uninterrupted_head(tiny_lm, seqs, tmp_path):
+    """Training split across working sessions: each `time_limit_min` segment stops after one step with
+    a checkpoint, the next resumes from it, and the finished head equals an uninterrupted run's. Only
+    the newest `keep_checkpoints` stay on disk; the summary's wall time adds up every segment."""
+    full = Trainer(_cfg(tmp_path / "a", max_steps=4, checkpoint_every=0), lm=tiny_lm, sequences=seqs, progress=False)
+    full.fit()
+    cfg = _cfg(tmp_path / "b", max_steps=4, checkpoint_every=0, time_limit_min=0.0, keep_checkpoints=2)
+    segments = []
+    while True:
+        tr = Trainer(cfg, lm=tiny_lm, sequences=seqs, progress=False)
+        tr.resume()
+        res = tr.fit()
+        segments.append(res.get("stopped_at_step"))
+        if "stopped_at_step" not in res:
+            break
+    assert segments == [1, 2, 3, None]
+    a, b = _state(full.head), _state(tr.head)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+    e3, e4 = (torch.load(tmp_path / "b" / "checkpoints" / f"step_000000{i}" / "trainer_state.pt",
+                         weights_only=False)["elapsed_s"] for i in (3, 4))
+    assert 0 < e3 < e4  # the last segment's checkpoint counts the three before it too
+    summary = json.loads((tmp_path / "b" / "head" / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["wall_time_s"] >= round(e4, 1) - 0.05
+
+
 def test_ddp_two_processes_equal_single_process(tiny_ckpts, tiny_lm, seqs, tmp_path):
     data = tmp_path / "seqs.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in seqs))
@@ -284,6 +310,27 @@ def test_cli_refuses_to_restart_over_checkpoints_and_resumes(tiny, tmp_path, cap
     assert "--resume" in err and "step_0000003" in err and "Traceback" not in err
     assert (out / "checkpoints" / "step_0000003" / "head.safetensors").read_bytes() == before  # untouched
     assert not (out / "checkpoints" / "step_0000006").exists()
+    assert main(["train", "--config", str(cfg_file), "--resume", "--time-limit", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 3" in err and "stopped at step 4 of 6 (--time-limit)" in err and "--resume" in err
     assert main(["train", "--config", str(cfg_file), "--resume"]) == 0
-    assert "resumed from step 3" in capsys.readouterr().err
+    assert "resumed from step 4" in capsys.readouterr().err
     assert (out / "checkpoints" / "step_0000006" / "trainer_state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_auto_target_dtype_computes_taps_on_the_runtime_the_head_drafts_for(tmp_path):
+    """`target_dtype: auto` loads the target as decoding runs it here: for the default GGUF model on a
+    bf16-native CPU, its own 4-bit weights (Int4Linear), not a bf16 de-quantisation."""
+    from paratree.models.loader import auto_dtype
+    from paratree.models.quant import Int4Linear
+
+    ids = list(range(1000, 1060))
+    cfg = _cfg(tmp_path, target=None, target_dtype="auto", max_steps=1, checkpoint_every=0, seqs_per_step=2)
+    tr = Trainer(cfg, sequences=[{"ids": ids, "prompt_len": 8}] * 3, progress=False)
+    linear = tr.lm.model.layers[0].attn.wqkv
+    if auto_dtype("cpu", None) == "gguf":
+        assert isinstance(linear, Int4Linear)
+    else:
+        assert linear.weight.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[auto_dtype("cpu", None)]
+    assert tr.fit()["loss"] > 0

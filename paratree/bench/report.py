@@ -117,18 +117,23 @@ def plot_verify_latency(profile: dict | None, rows: list[dict], path: Path, file
     _save(fig, path, files)
 
 
+def draft_share(r: dict) -> str:
+    """' (N%)': the draft time as a share of the verify time, when the row has both."""
+    return "" if r.get("draft_per_verify") is None else f" ({r['draft_per_verify']:.0%})"
+
+
 def _cell(v, fmt="{:.2f}"):
     return "–" if v is None else fmt.format(v)
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| dataset | method | τ (tokens/round, bonus incl.) | tokens/forward | tokens/s | speedup | "
-            "acc ≥1 / ≥2 / ≥3 | draft s / verify s | mean tree | peak RSS MB | greedy ≠ plain |")
+            "acc ≥1 / ≥2 / ≥3 | draft s / verify s (draft ÷ verify) | mean tree | peak RSS MB | greedy ≠ plain |")
     lines = [head, "|" + "|".join(["---"] * 11) + "|"]
     for r in rows:
         acc = r.get("accept_by_depth")
         acc_s = "–" if acc is None else " / ".join(f"{(acc[d] if d < len(acc) else 0.0):.2f}" for d in range(3))
-        split = "–" if r.get("draft_s") is None else f"{r['draft_s']:.2f} / {r['verify_s']:.2f}"
+        split = "–" if r.get("draft_s") is None else f"{r['draft_s']:.2f} / {r['verify_s']:.2f}{draft_share(r)}"
         mm = r.get("greedy_mismatches")
         mm_s = "n/a" if mm is None else f"{mm}/{r['n_prompts']}"
         lines.append(

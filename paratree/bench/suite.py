@@ -53,7 +53,7 @@ from ..tree.cost import VerifyCostModel
 from ..verify.warp import SamplingParams
 from .llama_peer import LLAMA_METHODS, LlamaPeer
 from .llama_spec import SPEC_METHODS, LlamaSpec
-from .report import budget_sweep, write_report
+from .report import budget_sweep, draft_share, write_report
 
 HF_METHODS = ("hf", "hf-pld", "hf-assisted")
 DEFAULT_BUDGETS = (8, 16, 32, 64, 128, "auto")
@@ -493,6 +493,7 @@ def summarize(spec: MethodSpec, dataset: str, runs: _Runs, cfg: BenchConfig, n_p
         "verify_s": None,
         "prefill_s": None,
         "draft_frac": None,
+        "draft_per_verify": None,
         "mean_tree_size": None,
         "mean_proposed_size": None,
         "verify_s_per_round": None,
@@ -512,6 +513,7 @@ def summarize(spec: MethodSpec, dataset: str, runs: _Runs, cfg: BenchConfig, n_p
             verify_s=verify / len(measured),
             prefill_s=sum(r.time_prefill for r in results) / len(measured),
             draft_frac=draft / max(draft + verify, 1e-12),
+            draft_per_verify=draft / max(verify, 1e-12),  # issue 26's bar: a head's draft pass <= 20% of a verify
             mean_tree_size=statistics.fmean(sizes) if sizes else None,
             verify_s_per_round=verify / max(1, rounds),
         )
@@ -545,7 +547,7 @@ def print_table(rows: list[dict], console=None, title: str = "paratree bench") -
     for r in rows:
         acc = r.get("accept_by_depth")
         acc_s = "–" if acc is None else "/".join(f"{(acc[d] if d < len(acc) else 0.0):.2f}" for d in range(3))
-        split = "–" if r.get("draft_s") is None else f"{r['draft_s']:.2f}s/{r['verify_s']:.2f}s"
+        split = "–" if r.get("draft_s") is None else f"{r['draft_s']:.2f}s/{r['verify_s']:.2f}s{draft_share(r)}"
         mm = r.get("greedy_mismatches")
         mm_s = "n/a" if mm is None else f"{mm}/{r['n_prompts']}"
         t.add_row(r["dataset"], r["method"], _fmt(r.get("tau")), _fmt(r.get("tokens_per_forward")),

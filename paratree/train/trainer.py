@@ -70,6 +70,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_seqs: int = 16
     checkpoint_every: int = 50
+    keep_checkpoints: int = 3  # the newest N checkpoints stay on disk (0 = all); a head + AdamW state is ~100 MB
+    time_limit_min: float | None = None  # stop after the step that passes this (checkpoint saved; --resume goes on)
     log_every: int = 5
     output_dir: str = "runs/jetspec"
     device: str = "cpu"
@@ -161,7 +163,8 @@ class Trainer:
         on_cpu = self.device.type == "cpu"
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device '{cfg.device}' asked for, but torch sees no CUDA GPU")
-        dtype = cfg.target_dtype if cfg.target_dtype != "auto" else auto_dtype(cfg.device)
+        # auto: the runtime the head will draft for (a GGUF target's own 4-bit weights on bf16-native CPUs)
+        dtype = cfg.target_dtype if cfg.target_dtype != "auto" else auto_dtype(cfg.device, cfg.target)
         self.lm = lm or load_model(cfg.target, dtype, pack=on_cpu)
         self.lm.model.to(self.device)
         # Head matmuls in bf16 autocast where that is fast: GPUs and bf16-native CPUs.
@@ -210,6 +213,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self._cache: dict[int, torch.Tensor] = {}
         self._cache_bytes = 0
+        self._elapsed_before, self._t_start = 0.0, None
 
     def _init_weights(self) -> None:
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -357,11 +361,19 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.head.save(tmp, dtype=torch.float32)
         torch.save({"step": self.step, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}, tmp / "trainer_state.pt")
+                    "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg), "elapsed_s": self._elapsed()},
+                   tmp / "trainer_state.pt")
         final = ck / f"step_{self.step:07d}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        if self.cfg.keep_checkpoints > 0:
+            for old in sorted(ck.glob("step_*"))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _elapsed(self) -> float:
+        """Training wall time over every run segment so far (resumed runs add theirs)."""
+        return self._elapsed_before + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
 
     def resume(self) -> bool:
         last = latest_checkpoint(self.out)
@@ -374,6 +386,7 @@ class Trainer:
         self.sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
+        self._elapsed_before = state.get("elapsed_s", 0.0)
         return True
 
     # -- the loop ------------------------------------------------------------------------
@@ -385,6 +398,8 @@ class Trainer:
                 TimeElapsedColumn(), TimeRemainingColumn()]
         last: dict = {}
         t0, toks = time.perf_counter(), 0
+        self._t_start = t0
+        limit = self.cfg.time_limit_min
         with Progress(*cols, disable=not self.progress) as bar:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, loss=0.0, tau=0.0, tps=0.0)
             while self.step < self.total_steps:
@@ -399,6 +414,11 @@ class Trainer:
                     log.flush()
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if limit is not None and time.perf_counter() - t0 >= 60 * limit and self.step < self.total_steps:
+                    self.save_checkpoint()  # a time-boxed segment: the next --resume continues from here
+                    if log:
+                        log.close()
+                    return {**last, "stopped_at_step": self.step, "total_steps": self.total_steps}
         last.update(self.evaluate())
         if self._conf_rows:  # a confidence head (DSpark): temperature-scale it on the held-out split
             last["calibration"] = self.calibrate_confidence()
@@ -409,7 +429,7 @@ class Trainer:
             self.save_checkpoint()
             n_tok = sum(len(s["ids"]) for s in self.train_seqs)
             summary = {"config": asdict(self.cfg), "steps": self.step, "world_size": self.world,
-                       "wall_time_s": round(time.perf_counter() - t0, 1), "train_sequences": len(self.train_seqs),
+                       "wall_time_s": round(self._elapsed(), 1), "train_sequences": len(self.train_seqs),
                        "train_tokens": n_tok, "eval_sequences": len(self.eval_seqs), "final": last,
                        "machine": machine_description(), "head_params": sum(p.numel() for p in self.head.parameters())}
             self.head.save(self.out / "head", dtype=torch.bfloat16,
