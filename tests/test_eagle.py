@@ -61,5 +61,16 @@ def test_eagle_head_trains_and_drafts_losslessly(tiny_ckpts, lm64, tmp_path):
     assert isinstance(drafter, EagleDrafter)
     runner = TargetRunner(lm64.model, max_len=128)
     assert drafted_losslessly(runner, drafter, seqs[:4], budget=10) > 0
+    # The confidence stop (default 0.4) only shortens chains: none at 0 and 1.0 drafts one depth;
+    # every setting stays lossless.
+    depths = {}
+    for mp in (0.0, 0.4, 1.0):
+        d = make_drafter("eagle", lm64, head_path=str(tmp_path / "head"), min_prob=mp)
+        assert drafted_losslessly(runner, d, seqs[:4], budget=10) > 0
+        prompt = seqs[0]["ids"][:20]
+        d.begin(prompt, runner.prefill(prompt[:-1], taps=d.tap_layers))  # as the engines do: the last
+        depths[mp] = int(d.propose(prompt, 10).depths.max())               # prompt token is the root
+        runner.reset()
+    assert drafter.min_prob == 0.4 and depths[1.0] == 1 and depths[0.0] == drafter.max_depth >= depths[0.4]
     with pytest.raises(ValueError, match="eagle head"):
         make_drafter("jetspec", lm64, head_path=str(tmp_path / "head"))
