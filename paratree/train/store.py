@@ -126,5 +126,6 @@ class ShardWriter:
         name = f"shard-{self.next:05d}.safetensors"
         tmp = self.root / f".{name}.tmp"
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # data to share, not a secret (the writer creates files owner-only)
         os.replace(tmp, self.root / name)
         self.next += 1
