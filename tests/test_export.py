@@ -288,7 +288,7 @@ def test_eagle3_export_is_the_same_function_on_real_taps(tiny64):
     head = _eagle3_head(lm.config)
     ids = torch.randint(0, lm.config.vocab_size, (19,), generator=torch.Generator().manual_seed(5)).tolist()
     taps = TargetRunner(lm.model, max_len=64).prefill(ids[:-1], taps=head.cfg.tap_layers)
-    drafter = EagleDrafter(head, lm.model.embed, lm.model.lm_head.weight, width=1)
+    drafter = EagleDrafter(head, lm.model.embed, lm.model.lm_head.weight, width=1, min_prob=0.0)  # the full chain
     drafter.begin(ids[:-1], taps)
     tree = drafter.propose(ids, budget=6)
     sd, cfg = to_eagle3(head, 128)
