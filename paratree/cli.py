@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from . import __version__
@@ -169,12 +170,20 @@ def cmd_data(args) -> int:
     lm = load_model(args.model, dtype, pack=on_cpu)
     lm.model.to(args.device)
     info = {"dtype": dtype, "command": "paratree " + " ".join(args.argv)}
-    for temp in args.temperature:
-        generate_dataset(lm, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         temperature=temp, seed=args.seed, limit=args.limit, info=info)
+    before = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stores what finished, as Ctrl-C does
+    try:
+        for temp in args.temperature:
+            generate_dataset(lm, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             temperature=temp, seed=args.seed, limit=args.limit, info=info)
+    finally:
+        signal.signal(signal.SIGTERM, before)
     if is_shard_store(args.out):
         print(json.dumps(store_summary(args.out)))
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _set_threads(n) -> None:

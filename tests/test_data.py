@@ -140,3 +140,31 @@ def test_data_command_writes_a_store_that_records_its_command_and_cost(tiny, tmp
     if not torch.cuda.is_available():
         assert main(["data", "--out", str(out), "--model", tiny, "--device", "cuda"]) == 2
         assert "torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_an_interrupted_store_keeps_what_finished(tiny, tmp_path, monkeypatch):
+    """Ctrl-C (or `kill`, which `paratree data` turns into the same) flushes the rows that finished
+    into a last, short shard; the rerun generates only the rest."""
+    import paratree.train.data as data
+
+    lm = load_model(tiny, "fp32")
+    prompts = collect_prompts({"gsm8k_train": 5}, seed=5)
+    kw = dict(max_new_tokens=6, batch_size=2, max_prompt_tokens=1024, progress=False)
+    real = data.decode_continuously
+
+    def dies_after_three(*a, **k):
+        for n, item in enumerate(real(*a, **k)):
+            if n == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(data, "decode_continuously", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(lm, prompts, tmp_path / "s", rows_per_shard=256, **kw)
+    kept = load_sequences(tmp_path / "s")
+    assert 1 <= len(kept) <= 3  # in the run's order, so those not yet preceded by all earlier ones wait
+    monkeypatch.setattr(data, "decode_continuously", real)
+    seen = []
+    monkeypatch.setattr(data, "decode_continuously", lambda r, jobs, *a, **k: (seen.append(len(jobs)), real(r, jobs, *a, **k))[1])
+    generate_dataset(lm, prompts, tmp_path / "s", rows_per_shard=256, **kw)
+    assert seen == [5 - len(kept)] and len(load_sequences(tmp_path / "s")) == 5
