@@ -168,3 +168,22 @@ def test_an_interrupted_store_keeps_what_finished(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "decode_continuously", lambda r, jobs, *a, **k: (seen.append(len(jobs)), real(r, jobs, *a, **k))[1])
     generate_dataset(lm, prompts, tmp_path / "s", rows_per_shard=256, **kw)
     assert seen == [5 - len(kept)] and len(load_sequences(tmp_path / "s")) == 5
+
+
+def test_store_keeps_ids_past_uint16_for_large_vocabularies(tmp_path):
+    """Qwen's 151,936-token vocabulary does not fit uint16: its shards hold int32 tokens, read back exactly."""
+    from safetensors import safe_open
+
+    from paratree.train.store import ShardWriter, read_rows
+
+    rows = [{"source": "code", "index": i, "temperature": 0.0, "prompt_len": 2, "ids": [151_000 + i, 7, 65_536, i]}
+            for i in range(3)]
+    for vocab, dtype in ((151_936, "int32"), (49_152, "uint16")):
+        w = ShardWriter(tmp_path / str(vocab), vocab, {"model": "m"}, rows_per_shard=2)
+        for r in rows if vocab > 65_536 else [dict(r, ids=r["ids"][1:2] + r["ids"][3:]) for r in rows]:
+            w.add(r, 0.01)
+        w.flush()
+        got = read_rows(tmp_path / str(vocab))
+        assert [g["ids"] for g in got] == [r["ids"] if vocab > 65_536 else [7, r["index"]] for r in rows]
+        with safe_open(str(tmp_path / str(vocab) / "shard-00000.safetensors"), "np") as f:
+            assert str(f.get_tensor("tokens").dtype) == dtype
