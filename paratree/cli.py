@@ -149,9 +149,7 @@ def cmd_bench_plain(args) -> int:
 
 
 def cmd_data(args) -> int:
-    import torch
-
-    from .models.loader import auto_dtype, dtype_name, load_model
+    from .models.loader import load_model
     from .train.data import collect_prompts, generate_dataset
     from .train.store import is_shard_store, store_summary
 
@@ -162,14 +160,8 @@ def cmd_data(args) -> int:
             raise ValueError(f"bad --mix entry '{part}': use source=count or source=all, e.g. gsm8k_train=500")
         mix[name] = 1 << 62 if n == "all" else int(n)
     prompts = collect_prompts(mix, seed=args.seed)
-    on_cpu = args.device == "cpu"
-    if not on_cpu and not torch.cuda.is_available():
-        raise ValueError(f"device '{args.device}' asked for, but torch sees no CUDA GPU")
-    # 'auto' was resolved for this CPU; a GPU gets its own fastest dtype
-    dtype = args.dtype if on_cpu or args.dtype_asked != "auto" else dtype_name(auto_dtype(args.device), args.model)
-    lm = load_model(args.model, dtype, pack=on_cpu)
-    lm.model.to(args.device)
-    info = {"dtype": dtype, "command": "paratree " + " ".join(args.argv)}
+    lm = load_model(args.model, args.dtype)
+    info = {"dtype": args.dtype, "command": "paratree " + " ".join(args.argv)}
     before = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stores what finished, as Ctrl-C does
     try:
         for temp in args.temperature:
@@ -372,7 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="self-distillation data: the target's own responses to training prompts")
     d.add_argument("--out", required=True,
                    help="a directory of compact shards, or a .jsonl file (both appended to: a killed run resumes)")
-    d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     d.add_argument("--mix", default="gsm8k_train=600,code=400,dolly=250,roleplay=120,self_instruct=50",
                    help="prompts per source (a count, or all): gsm8k_train, code, dolly, roleplay, self_instruct, "
                         "sharegpt")
@@ -489,7 +480,6 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(args, "dtype", None), str):
             from .models.loader import dtype_name
 
-            args.dtype_asked = args.dtype
             args.dtype = dtype_name(args.dtype, getattr(args, "model", None))  # 'auto' -> fastest here
         return args.func(args)
     except (ModelNotFoundError, UnsupportedModelError, ContextOverflowError, ValueError) as e:

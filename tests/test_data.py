@@ -4,7 +4,6 @@ greedy decoding, and resuming a killed run without losing or duplicating a seque
 import json
 
 import pytest
-import torch
 
 from paratree.data import DATA, read_jsonl
 from paratree.drafters import NoDrafter
@@ -121,7 +120,8 @@ def test_shard_store_holds_the_jsonl_rows_compactly_and_resumes_after_a_kill(tin
 
 def test_data_command_writes_a_store_that_records_its_command_and_cost(tiny, tmp_path, capsys):
     """`paratree data --out DIR`: `source=all` counts, the summary line, and the command, dtype and
-    machine in every shard's header; a bad --mix entry or a missing device is one clear error."""
+    machine in every shard's header; a bad --mix entry, a file as the store, or resuming a store with
+    other generation settings is one clear error."""
     from paratree.cli import main
     from paratree.train.store import read_shard_meta
 
@@ -137,9 +137,11 @@ def test_data_command_writes_a_store_that_records_its_command_and_cost(tiny, tmp
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == 7
     assert main(["data", "--out", str(out), "--model", tiny, "--mix", "self_instruct=lots"]) == 2
     assert "bad --mix entry 'self_instruct=lots'" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert main(["data", "--out", str(out), "--model", tiny, "--device", "cuda"]) == 2
-        assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert main(args[:2] + [str(out / "shard-00000.safetensors")] + args[3:]) == 2  # a file is not a store
+    assert "is a file, not a directory of shards" in capsys.readouterr().err
+    assert main(["data", "--out", str(out), "--model", tiny, "--dtype", "fp32", "--mix", "self_instruct=9",
+                 "--max-new-tokens", "5", "--batch-size", "2"]) == 2  # other settings: refused, not mixed in
+    assert "made with max_new_tokens 4; this run has max_new_tokens 5" in capsys.readouterr().err
 
 
 def test_an_interrupted_store_keeps_what_finished(tiny, tmp_path, monkeypatch):
@@ -182,8 +184,23 @@ def test_store_keeps_ids_past_uint16_for_large_vocabularies(tmp_path):
         w = ShardWriter(tmp_path / str(vocab), vocab, {"model": "m"}, rows_per_shard=2)
         for r in rows if vocab > 65_536 else [dict(r, ids=r["ids"][1:2] + r["ids"][3:]) for r in rows]:
             w.add(r, 0.01)
-        w.flush()
+        w.close()
         got = read_rows(tmp_path / str(vocab))
         assert [g["ids"] for g in got] == [r["ids"] if vocab > 65_536 else [7, r["index"]] for r in rows]
         with safe_open(str(tmp_path / str(vocab) / "shard-00000.safetensors"), "np") as f:
             assert str(f.get_tensor("tokens").dtype) == dtype
+
+
+def test_store_refuses_a_second_writer_and_names_a_shard_cut_short(tmp_path):
+    from paratree.train.store import ShardWriter
+
+    w = ShardWriter(tmp_path / "s", 100, {"model": "m"}, rows_per_shard=1)
+    with pytest.raises(ValueError, match="another `paratree data` is writing"):
+        ShardWriter(tmp_path / "s", 100, {"model": "m"})
+    w.add({"source": "code", "index": 0, "temperature": 0.0, "prompt_len": 1, "ids": [1, 2]}, 0.1)
+    w.close()
+    ShardWriter(tmp_path / "s", 100, {"model": "m"}).close()  # the lock goes with the writer
+    shard = tmp_path / "s" / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:40])  # what a lost machine could leave without the fsync
+    with pytest.raises(ValueError, match="shard-00000.safetensors' is unreadable.*delete it and rerun"):
+        load_sequences(tmp_path / "s")

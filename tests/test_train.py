@@ -124,6 +124,9 @@ def test_time_boxed_segments_resume_to_the_uninterrupted_head(tiny_lm, seqs, tmp
     assert 0 < e3 < e4  # the last segment's checkpoint counts the three before it too
     summary = json.loads((tmp_path / "b" / "head" / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["wall_time_s"] >= round(e4, 1) - 0.05
+    grown = Trainer(cfg, lm=tiny_lm, sequences=seqs + seqs[:2], progress=False)  # the store grew meanwhile
+    with pytest.raises(ValueError, match="trained on other data .*start a new --output-dir"):
+        grown.resume()
 
 
 def test_ddp_two_processes_equal_single_process(tiny_ckpts, tiny_lm, seqs, tmp_path):

@@ -166,7 +166,7 @@ def generate_dataset(lm: LoadedModel, prompts: list[dict], out_path: str | Path,
                     head += 1
                 bar.update(task, advance=1, tps=n_tokens / (time.perf_counter() - t0))
         finally:
-            sink.flush()  # what finished before an interrupt (Ctrl-C) is kept
+            sink.close()  # what finished before an interrupt (Ctrl-C, kill) is kept
     return out
 
 
@@ -188,7 +188,7 @@ class _JsonlSink:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
 
-    def flush(self) -> None:
+    def close(self) -> None:
         self.f.close()
 
 

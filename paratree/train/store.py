@@ -9,6 +9,7 @@ exactly those (the keys already stored are skipped).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -33,8 +34,16 @@ def _shards(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if _SHARD.match(p.name)), key=lambda p: int(_SHARD.match(p.name)[1]))
 
 
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="np")
+    except Exception as e:  # safetensors' own error type: a shard cut short by a lost machine
+        raise ValueError(f"distill shard '{path}' is unreadable ({e}): delete it and rerun `paratree data` "
+                         f"with the same command to regenerate its rows") from None
+
+
 def read_shard_meta(path: Path) -> dict:
-    with safe_open(str(path), framework="np") as f:
+    with _open(path) as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a paratree distill shard (format {meta.get('format')!r}, want {FORMAT})")
@@ -46,7 +55,7 @@ def read_rows(root: str | Path) -> list[dict]:
     out = []
     for p in _shards(Path(root)):
         keys = json.loads(read_shard_meta(p)["rows"])
-        with safe_open(str(p), framework="np") as f:
+        with _open(p) as f:
             tokens, offsets, plen = f.get_tensor("tokens"), f.get_tensor("offsets"), f.get_tensor("prompt_len")
         if len(offsets) != len(keys) + 1 or len(plen) != len(keys) or offsets[-1] != len(tokens):
             raise ValueError(f"shard '{p}' is inconsistent: {len(keys)} rows, {len(offsets)} offsets, "
@@ -89,15 +98,34 @@ class ShardWriter:
     the sum over its shards even across kills and resumes.
     """
 
+    # Settings that change the responses: a resumed store must keep them (rows are keyed by prompt only).
+    SAME = ("model", "dtype", "max_new_tokens", "seed")
+
     def __init__(self, root: str | Path, vocab_size: int, meta: dict[str, str], rows_per_shard: int = 256):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"'{self.root}' is a file, not a directory of shards: give a new directory, or a "
+                             f"path ending in .jsonl for one json line per sequence")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise ValueError(f"another `paratree data` is writing to '{self.root}'") from None
         for stale in self.root.glob(".shard-*.tmp"):
             stale.unlink()  # a kill during a write: that shard's rows were never counted as stored
         self.dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
         self.meta = {k: str(v) for k, v in meta.items()}
         self.rows_per_shard = rows_per_shard
         shards = _shards(self.root)
+        if shards:
+            have = read_shard_meta(shards[-1])
+            for k in self.SAME:
+                if k in self.meta and k in have and have[k] != self.meta[k]:
+                    self._lock.close()
+                    raise ValueError(f"'{self.root}' was made with {k} {have[k]}; this run has {k} {self.meta[k]}: "
+                                     f"use the same settings to resume it, or a new directory")
         self.next = int(_SHARD.match(shards[-1].name)[1]) + 1 if shards else 0
         self.pending: list[dict] = []
         self._seconds = 0.0
@@ -112,7 +140,7 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        rows, self.pending = self.pending, []
+        rows = self.pending
         lengths = np.array([len(r["ids"]) for r in rows], dtype=np.int64)
         tensors = {"tokens": np.concatenate([np.asarray(r["ids"], dtype=self.dtype) for r in rows]),
                    "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
@@ -122,10 +150,25 @@ class ShardWriter:
                     tokens=str(int(lengths.sum())),
                     response_tokens=str(sum(len(r["ids"]) - r["prompt_len"] for r in rows)),
                     wall_s=f"{self._seconds:.6f}")
-        self._seconds = 0.0
         name = f"shard-{self.next:05d}.safetensors"
         tmp = self.root / f".{name}.tmp"
         save_file(tensors, str(tmp), metadata=meta)
         os.chmod(tmp, 0o644)  # data to share, not a secret (the writer creates files owner-only)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before it is named: a lost machine leaves no short shard
         os.replace(tmp, self.root / name)
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        # Only now are the rows stored: an interrupt above leaves them pending for the final flush.
+        self.pending, self._seconds = [], 0.0
         self.next += 1
+
+    def close(self) -> None:
+        """Store what is pending and let another writer in."""
+        try:
+            self.flush()
+        finally:
+            self._lock.close()

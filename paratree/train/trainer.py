@@ -361,7 +361,8 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.head.save(tmp, dtype=torch.float32)
         torch.save({"step": self.step, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg), "elapsed_s": self._elapsed()},
+                    "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg), "elapsed_s": self._elapsed(),
+                    "data": self._data_fingerprint()},
                    tmp / "trainer_state.pt")
         final = ck / f"step_{self.step:07d}"
         shutil.rmtree(final, ignore_errors=True)
@@ -370,6 +371,19 @@ class Trainer:
             for old in sorted(ck.glob("step_*"))[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _data_fingerprint(self) -> dict:
+        """What the step order and the held-out split depend on: a store that grew changes both."""
+        seqs = self.train_seqs + self.eval_seqs
+        return {"sequences": len(seqs), "tokens": sum(len(q["ids"]) for q in seqs)}
+
+    def _time_up(self, t0: float, limit_min: float) -> bool:
+        """Whether this segment's time is up, decided alike on every rank (one late rank would otherwise
+        wait forever in the next step's all_reduce)."""
+        up = torch.tensor([float(time.perf_counter() - t0 >= 60 * limit_min)], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(up, op=dist.ReduceOp.MAX)
+        return bool(up.item())
 
     def _elapsed(self) -> float:
         """Training wall time over every run segment so far (resumed runs add theirs)."""
@@ -382,6 +396,11 @@ class Trainer:
         loaded = type(self.head).load(last, dtype=torch.float32)
         self.head.load_state_dict(loaded.state_dict())
         state = torch.load(last / "trainer_state.pt", weights_only=False)
+        if state.get("data", self._data_fingerprint()) != self._data_fingerprint():
+            raise ValueError(f"{last} was trained on other data ({state['data']['sequences']} sequences, "
+                             f"{state['data']['tokens']} tokens; now {self._data_fingerprint()['sequences']}, "
+                             f"{self._data_fingerprint()['tokens']}): the shuffle and the held-out split would "
+                             f"change, so resume on the same data or start a new --output-dir")
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["torch_rng"])
@@ -412,10 +431,12 @@ class Trainer:
                 if log and (self.step % self.cfg.log_every == 0 or "eval_loss" in last):
                     log.write(json.dumps(last) + "\n")
                     log.flush()
-                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                saved = bool(self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0)
+                if saved:
                     self.save_checkpoint()
-                if limit is not None and time.perf_counter() - t0 >= 60 * limit and self.step < self.total_steps:
-                    self.save_checkpoint()  # a time-boxed segment: the next --resume continues from here
+                if limit is not None and self._time_up(t0, limit) and self.step < self.total_steps:
+                    if not saved:
+                        self.save_checkpoint()  # a time-boxed segment: the next --resume continues from here
                     if log:
                         log.close()
                     return {**last, "stopped_at_step": self.step, "total_steps": self.total_steps}
