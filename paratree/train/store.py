@@ -42,20 +42,24 @@ def _open(path: Path):
                          f"with the same command to regenerate its rows") from None
 
 
-def read_shard_meta(path: Path) -> dict:
-    with _open(path) as f:
-        meta = f.metadata() or {}
+def _checked_meta(f, path: Path) -> dict:
+    meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a paratree distill shard (format {meta.get('format')!r}, want {FORMAT})")
     return meta
+
+
+def read_shard_meta(path: Path) -> dict:
+    with _open(path) as f:
+        return _checked_meta(f, path)
 
 
 def read_rows(root: str | Path) -> list[dict]:
     """Every stored row, shard by shard: {'source', 'index', 'temperature', 'prompt_len', 'ids'}."""
     out = []
     for p in _shards(Path(root)):
-        keys = json.loads(read_shard_meta(p)["rows"])
-        with _open(p) as f:
+        with _open(p) as f:  # one open a shard: its header and its arrays
+            keys = json.loads(_checked_meta(f, p)["rows"])
             tokens, offsets, plen = f.get_tensor("tokens"), f.get_tensor("offsets"), f.get_tensor("prompt_len")
         if len(offsets) != len(keys) + 1 or len(plen) != len(keys) or offsets[-1] != len(tokens):
             raise ValueError(f"shard '{p}' is inconsistent: {len(keys)} rows, {len(offsets)} offsets, "
@@ -78,14 +82,14 @@ def store_summary(root: str | Path) -> dict:
     """What a store holds and what it cost: rows, tokens, response tokens, generation seconds."""
     rows = tokens = response = 0
     seconds = 0.0
-    for p in _shards(Path(root)):
+    shards = _shards(Path(root))
+    for p in shards:
         m = read_shard_meta(p)
-        n = len(json.loads(m["rows"]))
-        rows += n
+        rows += len(json.loads(m["rows"]))
         tokens += int(m["tokens"])
         response += int(m["response_tokens"])
         seconds += float(m["wall_s"])
-    return {"shards": len(_shards(Path(root))), "rows": rows, "tokens": tokens, "response_tokens": response,
+    return {"shards": len(shards), "rows": rows, "tokens": tokens, "response_tokens": response,
             "generation_s": round(seconds, 3),
             "response_tok_per_s": round(response / seconds, 1) if seconds else None}
 
